@@ -1,0 +1,238 @@
+"""One typed config schema for every stage, loaded from YAML, `.env`/environment and CLI flags.
+
+Precedence, lowest first: YAML file < `.env` file < process environment (`SMOLBOX_<SECTION>__<FIELD>`) <
+CLI flags (`--<section>.<field> VALUE`). Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ENV_PREFIX = "SMOLBOX_"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    id: str = Field("HuggingFaceTB/SmolVLM-Instruct", description="Hub id or local folder; 'builtin:tiny' is the embedded tiny model")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="auto = flash_attention_2 when installed on CUDA, else sdpa"
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the non-quantized weights")
+
+
+class QuantConfig(_Section):
+    load_in_4bit: bool = Field(True, description="Load the base model in 4-bit with bitsandbytes")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="bnb_4bit_use_double_quant")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class AdapterConfig(_Section):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(8, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    use_dora: bool = True
+    init_lora_weights: Literal["gaussian", "default"] = "gaussian"
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"]
+    )
+
+
+class DataConfig(_Section):
+    id: str = Field("HuggingFaceH4/rlaif-v_formatted", description="Hub id, local folder, save_to_disk folder, .parquet or .jsonl file; 'builtin:tiny' is the embedded set")
+    revision: str | None = None
+    train_split: str = "train[:6%]"
+    eval_split: str | None = Field("test[:1%]", description="null disables evaluation")
+    image_max_size: int = Field(512, gt=0, description="Images are shrunk to fit this square, never enlarged")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="Rows with a larger source image are bad rows")
+    on_bad_row: Literal["skip", "fail"] = Field("skip", description="skip = drop and count the reason; fail = stop naming the row")
+    num_proc: int = Field(0, ge=0, description="Processes for preprocessing; 0 = one per CPU core (at most 8)")
+
+
+class TrainConfig(_Section):
+    """DPO settings; names follow TRL's DPOConfig. Values left at None keep TRL's default."""
+
+    learning_rate: float = Field(1e-6, gt=0)
+    beta: float = Field(0.1, gt=0)
+    per_device_train_batch_size: int = Field(1, gt=0)
+    per_device_eval_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(32, gt=0)
+    num_train_epochs: float = Field(5.0, gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    max_length: int | None = Field(None, description="None = no truncation (truncating into image tokens breaks VLMs)")
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, description="None = same as logging_steps")
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int | None = Field(3, description="Keep the last K checkpoints; None keeps all")
+    dataloader_num_workers: int = Field(0, ge=0)
+    seed: int = 42
+
+
+class RunConfig(_Section):
+    name: str = Field("smolvlm-dpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    resume: str = Field("auto", description="auto = continue from the last complete checkpoint; never = refuse a non-empty run dir; or a checkpoint path")
+    hf_cache: str | None = Field(None, description="HF cache folder (default: HF_HOME or ~/.cache/huggingface)")
+    min_free_disk_gb: float = Field(10.0, ge=0.0, description="verify fails below this free space in output_dir")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the trained weights; resume-only settings are left out."""
+        data = self.to_dict()
+        data["run"] = {k: v for k, v in data["run"].items() if k not in {"resume", "min_free_disk_gb", "hf_cache"}}
+        data["data"].pop("num_proc", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in Config.model_fields.items()}
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """Accept a path, or the name of a shipped config ('seed', 'default', 'tiny')."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {name_or_path} (shipped configs: {', '.join(shipped_configs())})")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
+    """Minimal .env reader: KEY=VALUE lines, '#' comments, optional quotes, optional 'export '."""
+    values: dict[str, str] = {}
+    p = Path(path)
+    if not p.is_file():
+        return values
+    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].strip()
+        if "=" not in line:
+            raise ConfigError(f"{p}:{lineno}: expected KEY=VALUE, got {raw!r}")
+        key, value = line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _parse_scalar(text: str) -> Any:
+    """Strings from env/CLI are read as YAML scalars, so '1e-5', 'true', 'null', '[a, b]' mean what they say."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"{origin}: unknown config key '{dotted}' (sections: {', '.join(SECTIONS)})")
+    section, field = parts
+    if field not in SECTIONS[section].model_fields:
+        known = ", ".join(SECTIONS[section].model_fields)
+        raise ConfigError(f"{origin}: unknown config key '{dotted}' (known in '{section}': {known})")
+    tree.setdefault(section, {})[field] = value
+
+
+def env_overrides(env: dict[str, str]) -> list[tuple[str, Any, str]]:
+    """SMOLBOX_TRAIN__LEARNING_RATE=1e-5 -> ('train.learning_rate', 1e-5). SMOLBOX_CONFIG is not a key."""
+    out = []
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+        out.append((dotted, _parse_scalar(value), f"environment variable {key}"))
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    dotenv: str | os.PathLike | None = ".env",
+) -> Config:
+    """Build the config: YAML, then .env, then environment, then explicit overrides (CLI)."""
+    environ = dict(os.environ) if env is None else dict(env)
+    dotenv_values = read_dotenv(dotenv) if dotenv else {}
+    merged_env = {**dotenv_values, **environ}
+    if path is None:
+        path = merged_env.get(f"{ENV_PREFIX}CONFIG", "default")
+    cfg_path = resolve_config_path(path)
+    try:
+        tree = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{cfg_path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{cfg_path}: top level must be a mapping of sections")
+    for section, body in tree.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{cfg_path}: unknown config key '{section}' (sections: {', '.join(SECTIONS)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{cfg_path}: '{section}' must be a mapping")
+        for field in body:
+            if field not in SECTIONS[section].model_fields:
+                _set_dotted({}, f"{section}.{field}", None, str(cfg_path))
+    layered = [(d, v, o) for d, v, o in env_overrides(merged_env)]
+    layered += [(d, v, f"--{d}") for d, v in (overrides or {}).items()]
+    for dotted, value, origin in layered:
+        _set_dotted(tree, dotted, value, origin)
+    return validate(tree, source=str(cfg_path))
+
+
+def validate(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+
+
+def cli_fields() -> list[tuple[str, Any]]:
+    """(dotted key, pydantic FieldInfo) for every config field: the CLI mirrors the schema flag by flag."""
+    return [(f"{s}.{name}", info) for s, cls in SECTIONS.items() for name, info in cls.model_fields.items()]
