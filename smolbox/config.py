@@ -76,7 +76,7 @@ class TrainConfig(_Section):
     num_train_epochs: float = Field(5.0, gt=0)
     max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
     lr_scheduler_type: str = "linear"
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: float = Field(0, ge=0, description="Linear warm-up: steps, or a fraction of all steps when < 1")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
     max_length: int | None = Field(None, description="None = no truncation (truncating into image tokens breaks VLMs)")
@@ -158,7 +158,7 @@ def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
     return values
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     """Strings from env/CLI are read as YAML scalars, so '1e-5', 'true', 'null', '[a, b]' mean what they say."""
     try:
         return yaml.safe_load(text) if text != "" else ""
@@ -184,7 +184,7 @@ def env_overrides(env: dict[str, str]) -> list[tuple[str, Any, str]]:
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
         dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
-        out.append((dotted, _parse_scalar(value), f"environment variable {key}"))
+        out.append((dotted, parse_scalar(value), f"environment variable {key}"))
     return out
 
 

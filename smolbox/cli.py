@@ -1,0 +1,96 @@
+"""`smolbox verify|train|demo`: every config field is also a flag, `--<section>.<field> VALUE`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from .config import ConfigError, cli_fields, load_config, parse_scalar, shipped_configs
+
+BLOCKED_EXIT = 2  # verify found a blocking problem, or the config/run was refused
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None, help=f"YAML path or shipped name ({', '.join(shipped_configs())}); default: $SMOLBOX_CONFIG or 'default'")
+    parser.add_argument("--env-file", default=".env", help="dotenv file with SMOLBOX_* overrides (default: .env if present)")
+    group = parser.add_argument_group("config overrides (YAML scalars: 1e-5, true, null, [a, b])")
+    for dotted, info in cli_fields():
+        group.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", metavar="V", default=argparse.SUPPRESS, help=info.description or "")
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k[4:]: parse_scalar(v) for k, v in vars(ns).items() if k.startswith("cfg:")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smolbox", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (
+        ("verify", "preflight checks; exits non-zero on a blocking failure"),
+        ("train", "DPO training with DoRA on a 4-bit base"),
+        ("demo", "verify + train on the embedded tiny bundle, offline, on CPU"),
+        ("config", "print the resolved config as YAML"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        _add_config_flags(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.command == "demo" and ns.config is None:
+        ns.config = "tiny"
+    try:
+        cfg = load_config(ns.config, overrides=_overrides(ns), dotenv=ns.env_file)
+    except ConfigError as exc:
+        print(f"smolbox: {exc}", file=sys.stderr)
+        return BLOCKED_EXIT
+    if cfg.run.hf_cache:
+        os.environ.setdefault("HF_HOME", cfg.run.hf_cache)
+    return {"verify": _verify, "train": _train, "demo": _demo, "config": _print_config}[ns.command](cfg)
+
+
+def _print_config(cfg) -> int:
+    import yaml
+
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _verify(cfg) -> int:
+    from .verify import verify
+
+    report = verify(cfg)
+    print(report.table())
+    return 0 if report.ok else BLOCKED_EXIT
+
+
+def _train(cfg) -> int:
+    from .train import RunError, train
+
+    try:
+        result = train(cfg)
+    except RunError as exc:
+        print(f"smolbox: {exc}", file=sys.stderr)
+        return BLOCKED_EXIT
+    print(f"adapter: {result.adapter_dir}\nmanifest: {result.run_dir / 'manifest.json'}")
+    return 0
+
+
+def _demo(cfg) -> int:
+    started = time.perf_counter()
+    print("== smolbox demo: verify ==")
+    if _verify(cfg) != 0:
+        return BLOCKED_EXIT
+    print("== smolbox demo: train ==")
+    code = _train(cfg)
+    if code == 0:
+        print(f"== smolbox demo finished in {time.perf_counter() - started:.0f} s ==")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Run manifests: one JSON file that says exactly what ran, written atomically so a crash never truncates it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def image_labels() -> dict[str, str]:
+    """Build facts baked into our container images as environment variables (empty outside them)."""
+    keys = {"SMOLBOX_BASE_IMAGE": "base_image", "SMOLBOX_LOCK_SHA256": "lock_sha256", "SMOLBOX_GIT_COMMIT": "image_git_commit"}
+    return {name: os.environ[var] for var, name in keys.items() if os.environ.get(var)}

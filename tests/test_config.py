@@ -1,0 +1,114 @@
+import pytest
+import yaml
+
+from smolbox.config import CONFIG_DIR, ConfigError, load_config, read_dotenv
+
+RECIPE_TARGETS = ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"]
+
+
+def test_seed_config_is_the_reference_recipe():
+    cfg = load_config("seed", env={}, dotenv=None)
+    assert cfg.model.id == "HuggingFaceTB/SmolVLM-Instruct"
+    assert cfg.model.attn_implementation == "flash_attention_2"
+    assert cfg.model.dtype == "bfloat16"
+    assert (cfg.quant.load_in_4bit, cfg.quant.quant_type, cfg.quant.double_quant, cfg.quant.compute_dtype) == (True, "nf4", True, "bfloat16")
+    a = cfg.adapter
+    assert (a.r, a.alpha, a.dropout, a.use_dora, a.init_lora_weights) == (8, 8, 0.1, True, "gaussian")
+    assert sorted(a.target_modules) == sorted(RECIPE_TARGETS)
+    assert (cfg.data.id, cfg.data.train_split, cfg.data.eval_split) == ("HuggingFaceH4/rlaif-v_formatted", "train[:6%]", "test[:1%]")
+    assert cfg.data.image_max_size == 512
+    t = cfg.train
+    assert (t.per_device_train_batch_size, t.per_device_eval_batch_size, t.gradient_accumulation_steps) == (1, 1, 32)
+    assert t.num_train_epochs == 5 and t.max_steps == -1
+    assert (t.bf16, t.gradient_checkpointing, t.logging_steps) == (True, True, 10)
+    # TRL 1.16 / Trainer defaults the recipe leaves alone
+    assert (t.learning_rate, t.beta, t.lr_scheduler_type, t.warmup_steps, t.save_steps) == (1e-6, 0.1, "linear", 0, 500)
+    assert t.eval_steps is None and t.max_length is None
+
+
+def test_seed_matches_trl_defaults_for_values_the_recipe_does_not_set():
+    from trl import DPOConfig
+
+    cfg = load_config("seed", env={}, dotenv=None)
+    trl_defaults = DPOConfig(output_dir="unused", use_cpu=True, bf16=False)
+    assert cfg.train.learning_rate == trl_defaults.learning_rate
+    assert cfg.train.beta == trl_defaults.beta
+    assert cfg.train.lr_scheduler_type == str(trl_defaults.lr_scheduler_type.value)
+    assert cfg.train.weight_decay == trl_defaults.weight_decay
+    assert cfg.train.max_grad_norm == trl_defaults.max_grad_norm
+    assert cfg.train.save_steps == trl_defaults.save_steps
+    assert trl_defaults.loss_type == ["sigmoid"]
+
+
+@pytest.mark.parametrize("name", ["seed", "default", "tiny"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(name, env={}, dotenv=None)
+    assert cfg.fingerprint() == load_config(name, env={}, dotenv=None).fingerprint()
+
+
+def test_unknown_key_in_yaml_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"train": {"learning_rat": 1e-5}}))
+    with pytest.raises(ConfigError, match="train.learning_rat"):
+        load_config(p, env={}, dotenv=None)
+
+
+def test_unknown_section_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("trainer:\n  x: 1\n")
+    with pytest.raises(ConfigError, match="'trainer'"):
+        load_config(p, env={}, dotenv=None)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  per_device_train_batch_size: four\n")
+    with pytest.raises(ConfigError, match="train.per_device_train_batch_size"):
+        load_config(p, env={}, dotenv=None)
+
+
+def test_precedence_yaml_dotenv_env_cli(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("# comment\nSMOLBOX_TRAIN__LEARNING_RATE=2e-5\nexport SMOLBOX_RUN__NAME='from-dotenv'\nSMOLBOX_TRAIN__BETA=0.3\n")
+    cfg = load_config("tiny", env={}, dotenv=dotenv)
+    assert cfg.train.learning_rate == 2e-5 and cfg.run.name == "from-dotenv" and cfg.train.beta == 0.3
+    cfg = load_config("tiny", env={"SMOLBOX_TRAIN__LEARNING_RATE": "3e-5"}, dotenv=dotenv)
+    assert cfg.train.learning_rate == 3e-5 and cfg.run.name == "from-dotenv"
+    cfg = load_config("tiny", overrides={"train.learning_rate": 4e-5}, env={"SMOLBOX_TRAIN__LEARNING_RATE": "3e-5"}, dotenv=dotenv)
+    assert cfg.train.learning_rate == 4e-5
+
+
+def test_env_selects_config_and_rejects_unknown_keys():
+    assert load_config(None, env={"SMOLBOX_CONFIG": "seed"}, dotenv=None).run.name == "smolvlm-dpo-seed"
+    with pytest.raises(ConfigError, match="SMOLBOX_TRAIN__LR"):
+        load_config("tiny", env={"SMOLBOX_TRAIN__LR": "1"}, dotenv=None)
+    with pytest.raises(ConfigError, match="train.bf16"):
+        load_config("tiny", env={"SMOLBOX_TRAIN__BF16": "maybe"}, dotenv=None)
+
+
+def test_cli_flags_mirror_the_schema(capsys):
+    from smolbox.cli import main
+
+    assert main(["config", "--config", "tiny", "--env-file", "", "--train.learning_rate", "1e-4", "--adapter.target_modules", "[q_proj, v_proj]"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["learning_rate"] == 1e-4
+    assert printed["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    assert main(["config", "--config", "tiny", "--env-file", "", "--train.seed", "x"]) == 2
+    assert "train.seed" in capsys.readouterr().err
+
+
+def test_fingerprint_ignores_resume_but_not_training_values():
+    base = load_config("tiny", env={}, dotenv=None)
+    assert load_config("tiny", overrides={"run.resume": "never"}, env={}, dotenv=None).fingerprint() == base.fingerprint()
+    assert load_config("tiny", overrides={"train.learning_rate": 1.0}, env={}, dotenv=None).fingerprint() != base.fingerprint()
+
+
+def test_read_dotenv_rejects_garbage(tmp_path):
+    p = tmp_path / ".env"
+    p.write_text("NOT A PAIR\n")
+    with pytest.raises(ConfigError, match=":1:"):
+        read_dotenv(p)
+
+
+def test_every_shipped_config_is_in_the_config_dir():
+    assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} >= {"seed", "default", "tiny"}
