@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"smolbox: {exc}", file=sys.stderr)
         return BLOCKED_EXIT
-    if cfg.run.hf_cache:
-        os.environ.setdefault("HF_HOME", cfg.run.hf_cache)
+    if cfg.run.hf_cache:  # run.hf_cache acts as HF_HOME; set before any Hugging Face library is imported
+        os.environ["HF_HOME"] = cfg.run.hf_cache
     return {"verify": _verify, "train": _train, "demo": _demo, "config": _print_config}[ns.command](cfg)
 
 

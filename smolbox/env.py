@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -73,7 +74,7 @@ def git_commit(path: Path | None = None) -> str | None:
 def device_description(device: str) -> dict:
     import torch
 
-    info = {"device": device, "platform": platform.platform(), "python": platform.python_version(), "cpu_count": _cpu_count()}
+    info = {"device": device, "platform": platform.platform(), "python": platform.python_version(), "cpu_count": cpu_count()}
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(
@@ -83,7 +84,18 @@ def device_description(device: str) -> dict:
     return info
 
 
-def _cpu_count() -> int:
-    import os
-
+def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def hf_hub_cache(cfg: Config) -> Path:
+    """The hub cache folder: <run.hf_cache>/hub, else HF_HUB_CACHE, else <HF_HOME>/hub.
+
+    Read from the environment now, because huggingface_hub.constants froze these at import time.
+    """
+    if cfg.run.hf_cache:
+        return Path(cfg.run.hf_cache).expanduser() / "hub"
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"

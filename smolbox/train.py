@@ -25,7 +25,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndByte
 from . import __version__, tiny
 from .config import Config
 from .data import load_preference_data
-from .env import device_description, git_commit, package_versions, resolve_attention, resolve_device
+from .env import device_description, git_commit, hf_hub_cache, package_versions, resolve_attention, resolve_device
 from .manifest import image_labels, now, read_json, write_json_atomic
 
 log = logging.getLogger("smolbox.train")
@@ -70,7 +70,7 @@ def _run(cfg: Config, run_dir: Path, resume_from: str | None, manifest: dict) ->
     set_seed(cfg.train.seed)
 
     model_path = tiny.resolve(cfg.model.id, "model")
-    processor = AutoProcessor.from_pretrained(model_path, revision=cfg.model.revision, cache_dir=cfg.run.hf_cache)
+    processor = AutoProcessor.from_pretrained(model_path, revision=cfg.model.revision, cache_dir=str(hf_hub_cache(cfg)))
 
     train_split = load_preference_data(cfg.data, cfg.data.train_split)
     eval_split = load_preference_data(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
@@ -104,7 +104,7 @@ def load_model(cfg: Config, device: str, attn: str, model_path: str):
     """The base model as the recipe loads it: NF4 with double quantization and the configured compute dtype."""
     kwargs = dict(
         dtype=getattr(torch, cfg.model.dtype), attn_implementation=attn,
-        revision=cfg.model.revision, cache_dir=cfg.run.hf_cache,
+        revision=cfg.model.revision, cache_dir=str(hf_hub_cache(cfg)),
     )
     if cfg.quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -21,3 +21,12 @@ class SmolboxDPOTrainer(DPOTrainer):
         metrics["logps/chosen"].append(gather(out.chosen_logps).mean().item())
         metrics["logps/rejected"].append(gather(out.rejected_logps).mean().item())
         return (out.loss, None) if return_outputs else out.loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # TRL keeps QLoRA's A/B matrices in bf16, but peft's load_adapter upcasts them to fp32 on resume, so a
+        # resumed run would train in another precision than an uninterrupted one. Restore the original dtypes.
+        dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, p in self.model.named_parameters():
+            if name in dtypes and p.dtype != dtypes[name]:
+                p.data = p.data.to(dtypes[name])
