@@ -38,26 +38,27 @@ class ModelConfig(_Section):
 
 class QuantConfig(_Section):
     load_in_4bit: bool = Field(True, description="Load the base model in 4-bit with bitsandbytes")
-    quant_type: Literal["nf4", "fp4"] = "nf4"
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bnb_4bit_quant_type)")
     double_quant: bool = Field(True, description="bnb_4bit_use_double_quant")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the 4-bit matmuls (bnb_4bit_compute_dtype)")
 
 
 class AdapterConfig(_Section):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(8, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    use_dora: bool = True
-    init_lora_weights: Literal["gaussian", "default"] = "gaussian"
+    r: int = Field(8, gt=0, description="LoRA/DoRA rank")
+    alpha: int = Field(8, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Adapter dropout; 0 enables DoRA's fast path (TRL zeroes dropout anyway)")
+    use_dora: bool = Field(True, description="DoRA (weight-decomposed LoRA) instead of plain LoRA")
+    init_lora_weights: Literal["gaussian", "default"] = Field("gaussian", description="Initialisation of the A matrices")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"]
+        default_factory=lambda: ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"],
+        description="Module names to adapt (these also match q/k/v in the vision tower)",
     )
 
 
 class DataConfig(_Section):
     id: str = Field("HuggingFaceH4/rlaif-v_formatted", description="Hub id, local folder, save_to_disk folder, .parquet or .jsonl file; 'builtin:tiny' is the embedded set")
-    revision: str | None = None
-    train_split: str = "train[:6%]"
+    revision: str | None = Field(None, description="Hub revision of the data set")
+    train_split: str = Field("train[:6%]", description="Split spec with optional slice: train, train[:6%], train[10:500]")
     eval_split: str | None = Field("test[:1%]", description="null disables evaluation")
     image_max_size: int = Field(512, gt=0, description="Images are shrunk to fit this square, never enlarged")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Rows with a larger source image are bad rows")
@@ -68,32 +69,32 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """DPO settings; names follow TRL's DPOConfig. Values left at None keep TRL's default."""
 
-    learning_rate: float = Field(1e-6, gt=0)
-    beta: float = Field(0.1, gt=0)
-    per_device_train_batch_size: int = Field(1, gt=0)
-    per_device_eval_batch_size: int = Field(1, gt=0)
-    gradient_accumulation_steps: int = Field(32, gt=0)
-    num_train_epochs: float = Field(5.0, gt=0)
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate")
+    beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference model")
+    per_device_train_batch_size: int = Field(1, gt=0, description="Pairs per micro-batch per GPU")
+    per_device_eval_batch_size: int = Field(1, gt=0, description="Pairs per evaluation batch per GPU")
+    gradient_accumulation_steps: int = Field(32, gt=0, description="Micro-batches per optimizer step")
+    num_train_epochs: float = Field(5.0, gt=0, description="Passes over the training split")
     max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name (linear, cosine, constant, ...)")
     warmup_steps: float = Field(0, ge=0, description="Linear warm-up: steps, or a fraction of all steps when < 1")
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm")
     max_length: int | None = Field(None, description="None = no truncation (truncating into image tokens breaks VLMs)")
-    bf16: bool = True
-    gradient_checkpointing: bool = True
-    logging_steps: int = Field(10, gt=0)
+    bf16: bool = Field(True, description="bf16 mixed precision (needs a GPU with bf16; false on CPU)")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory")
+    logging_steps: int = Field(10, gt=0, description="Optimizer steps between metric lines")
     eval_steps: int | None = Field(None, description="None = same as logging_steps")
-    save_steps: int = Field(500, gt=0)
+    save_steps: int = Field(500, gt=0, description="Optimizer steps between checkpoints")
     save_total_limit: int | None = Field(3, description="Keep the last K checkpoints; None keeps all")
-    dataloader_num_workers: int = Field(0, ge=0)
-    seed: int = 42
+    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the training process)")
+    seed: int = Field(42, description="Seed for weights init, data order and sampling")
 
 
 class RunConfig(_Section):
-    name: str = Field("smolvlm-dpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field("smolvlm-dpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run folder name (letters, digits, . _ -)")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<name>/")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when torch sees a GPU, else CPU")
     resume: str = Field("auto", description="auto = continue from the last complete checkpoint; never = refuse a non-empty run dir; or a checkpoint path")
     hf_cache: str | None = Field(None, description="HF cache folder (default: HF_HOME or ~/.cache/huggingface)")
     min_free_disk_gb: float = Field(10.0, ge=0.0, description="verify fails below this free space in output_dir")
