@@ -353,10 +353,9 @@ def _cached_snapshot(hub: Path, repo_id: str, repo_type: str, revision: str | No
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
-
+    # Read the environment now: huggingface_hub.constants froze it at import time.
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return constants.HF_HUB_OFFLINE or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _endpoint() -> str:
