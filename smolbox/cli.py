@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (
         ("verify", "preflight checks; exits non-zero on a blocking failure"),
         ("train", "DPO training with DoRA on a 4-bit base"),
-        ("demo", "verify + train on the embedded tiny bundle, offline, on CPU"),
+        ("export", "merge adapters, write ONNX graphs and quantized variants, check parity"),
+        ("demo", "verify + train + export on the embedded tiny bundle, offline, on CPU"),
         ("config", "print the resolved config as YAML"),
     ):
         p = sub.add_parser(name, help=helptext)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return BLOCKED_EXIT
     if cfg.run.hf_cache:  # run.hf_cache acts as HF_HOME; set before any Hugging Face library is imported
         os.environ["HF_HOME"] = cfg.run.hf_cache
-    return {"verify": _verify, "train": _train, "demo": _demo, "config": _print_config}[ns.command](cfg)
+    return {"verify": _verify, "train": _train, "export": _export, "demo": _demo, "config": _print_config}[ns.command](cfg)
 
 
 def _print_config(cfg) -> int:
@@ -80,6 +81,32 @@ def _train(cfg) -> int:
     return 0
 
 
+def _export(cfg) -> int:
+    from .export import ExportError, export
+
+    _console_logging()
+    try:
+        result = export(cfg)
+    except ExportError as exc:
+        print(f"smolbox: {exc}", file=sys.stderr)
+        return BLOCKED_EXIT
+    flagged = result.manifest["parity_flagged"]
+    print(f"export: {result.folder}" + (f"\nparity flagged: {', '.join(flagged)} (see parity.json)" if flagged else ""))
+    return 0
+
+
+def _console_logging() -> None:
+    import logging
+
+    root = logging.getLogger("smolbox")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False  # some libraries configure the root logger; print our lines once
+
+
 def _demo(cfg) -> int:
     started = time.perf_counter()
     print("== smolbox demo: verify ==")
@@ -87,6 +114,9 @@ def _demo(cfg) -> int:
         return BLOCKED_EXIT
     print("== smolbox demo: train ==")
     code = _train(cfg)
+    if code == 0:
+        print("== smolbox demo: export ==")
+        code = _export(cfg.model_copy(update={"export": cfg.export.model_copy(update={"overwrite": True})}))
     if code == 0:
         print(f"== smolbox demo finished in {time.perf_counter() - started:.0f} s ==")
     return code

@@ -100,6 +100,29 @@ class RunConfig(_Section):
     min_free_disk_gb: float = Field(10.0, ge=0.0, description="verify fails below this free space in output_dir")
 
 
+ExportVariant = Literal["fp32", "fp16", "q8", "q4", "int8"]
+
+
+class ExportConfig(_Section):
+    source: str | None = Field(None, description="Training run folder, adapter folder, or 'base' (no adapter); null = <run.output_dir>/<run.name>")
+    output_dir: str = Field("exports", description="Exports are written to <output_dir>/<name>/")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Export folder name; null = the run's name")
+    merge_into: Literal["dequantized_nf4", "full_precision"] = Field(
+        "dequantized_nf4", description="Base weights the adapters are merged into (docs/export.md has the measurement)"
+    )
+    variants: list[ExportVariant] = Field(
+        default_factory=lambda: ["fp32", "fp16", "q8", "q4", "int8"],
+        description="fp32 (always), fp16, q8/q4 (MatMulNBits weight-only, CUDA and CPU), int8 (dynamic, CPU only)",
+    )
+    block_size: int = Field(32, description="MatMulNBits quantization block size (16, 32, 64, 128, 256)")
+    parity_prompts: int = Field(2, gt=0, description="Fixed image prompts used for parity")
+    parity_new_tokens: int = Field(16, gt=0, description="Greedy tokens compared per parity prompt")
+    fp32_max_logit_diff: float = Field(1e-3, gt=0, description="fp32 parity beyond this is a bug: the export fails")
+    quantized_max_logit_diff: float = Field(2.0, gt=0, description="Quantized variants beyond this are flagged loudly")
+    quantized_min_agreement: float = Field(0.5, ge=0, le=1, description="Quantized variants with less greedy agreement are flagged")
+    overwrite: bool = Field(False, description="Replace an existing export folder of the same name")
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
@@ -107,6 +130,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -116,6 +140,7 @@ class Config(_Section):
         data = self.to_dict()
         data["run"] = {k: v for k, v in data["run"].items() if k not in {"resume", "min_free_disk_gb", "hf_cache"}}
         data["data"].pop("num_proc", None)
+        data.pop("export", None)  # export settings do not change the trained weights
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

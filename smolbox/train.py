@@ -257,6 +257,7 @@ def _peak_memory_gb(device: str) -> float:
 def _log_to_file(path: Path) -> None:
     root = logging.getLogger("smolbox")
     root.setLevel(logging.INFO)
+    root.propagate = False  # some libraries configure the root logger; print our lines once
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))

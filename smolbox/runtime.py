@@ -1,0 +1,125 @@
+"""ONNX Runtime inference over an export folder: vision encoder + token embeddings + decoder with KV cache.
+
+No torch here: the serving image runs this module. Inputs are what the exported processor returns
+(input_ids, attention_mask, pixel_values, pixel_attention_mask) as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Published SmolVLM ONNX suffixes, and what smolbox builds under each name.
+VARIANT_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q8": "_quantized", "q4": "_q4"}
+GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
+def graph_path(folder: Path, graph: str, variant: str) -> Path:
+    return Path(folder) / "onnx" / f"{graph}{VARIANT_SUFFIX[variant]}.onnx"
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@dataclass
+class Step:
+    """Logits of the last position of each row, and the cache to continue from."""
+
+    logits: np.ndarray  # [B, V] float32
+    past: dict[str, np.ndarray]
+    attention_mask: np.ndarray  # [B, total]
+
+
+class OnnxVLM:
+    def __init__(self, folder: str | Path, variant: str = "fp32", providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.variant = variant
+        config = json.loads((self.folder / "config.json").read_text())
+        text = config["text_config"]
+        self.image_token_id = config["image_token_id"]
+        self.num_layers = text["num_hidden_layers"]
+        generation = self._read_json("generation_config.json")
+        eos = generation.get("eos_token_id", text.get("eos_token_id"))
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_token_id = generation.get("pad_token_id", text.get("pad_token_id")) or 0
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.providers = providers or default_providers()
+        self.sessions = {
+            g: ort.InferenceSession(str(graph_path(self.folder, g, variant)), options, providers=self.providers) for g in GRAPHS
+        }
+        decoder = self.sessions["decoder_model_merged"]
+        self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        self.input_types = {g: {i.name: _ORT_TO_NUMPY[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
+
+    def _read_json(self, name: str) -> dict:
+        path = self.folder / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        types = self.input_types[graph]
+        return self.sessions[graph].run(None, {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feeds.items()})
+
+    def embed(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None) -> np.ndarray:
+        embeds = self._run("embed_tokens", {"input_ids": input_ids})[0]
+        image_positions = input_ids == self.image_token_id
+        if pixel_values is not None and image_positions.any():
+            features = self._run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})[0]
+            features = features.reshape(-1, embeds.shape[-1])
+            if features.shape[0] != int(image_positions.sum()):
+                raise ValueError(f"{features.shape[0]} image features for {int(image_positions.sum())} <image> tokens")
+            embeds[image_positions] = features.astype(embeds.dtype)
+        return embeds
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        # KV-head and head-size dimensions are fixed numbers in the graph; the past length starts at zero.
+        past = {}
+        for inp in self.past_inputs:
+            _, heads, _, head_dim = inp.shape
+            past[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=_ORT_TO_NUMPY[inp.type])
+        return past
+
+    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> Step:
+        """One decoder call over `embeds` (prefill or one new token per row) with the cache so far."""
+        new = embeds.shape[1]
+        # Same positions as transformers' generate: count real tokens, padding gets 0.
+        positions = np.cumsum(attention_mask, axis=-1) - 1
+        positions = np.where(attention_mask == 0, 0, positions)[:, -new:]
+        outputs = self._run("decoder_model_merged", {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions, **past})
+        presents = dict(zip((o.name for o in self.sessions["decoder_model_merged"].get_outputs()[1:]), outputs[1:]))
+        next_past = {name.replace("present.", "past_key_values."): value for name, value in presents.items()}
+        return Step(outputs[0][:, -1].astype(np.float32), next_past, attention_mask)
+
+    def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None) -> Step:
+        embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)
+        return self.forward(embeds, attention_mask.astype(np.int64), self.empty_past(input_ids.shape[0]))
+
+    def decode(self, step: Step, tokens: np.ndarray) -> Step:
+        mask = np.concatenate([step.attention_mask, np.ones((tokens.shape[0], 1), np.int64)], axis=1)
+        return self.forward(self.embed(tokens[:, None]), mask, step.past)
+
+    def generate(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, max_new_tokens: int = 32) -> np.ndarray:
+        """Greedy decoding; rows that reached end-of-utterance are padded, as transformers' generate does."""
+        step = self.prefill(input_ids, attention_mask, pixel_values, pixel_attention_mask)
+        batch = input_ids.shape[0]
+        done = np.zeros(batch, dtype=bool)
+        generated = []
+        for i in range(max_new_tokens):
+            tokens = np.where(done, self.pad_token_id, step.logits.argmax(-1)).astype(np.int64)
+            generated.append(tokens)
+            done |= np.isin(tokens, list(self.eos_token_ids))
+            if done.all() or i == max_new_tokens - 1:
+                break
+            step = self.decode(step, tokens)
+        return np.stack(generated, axis=1)

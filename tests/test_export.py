@@ -1,0 +1,244 @@
+"""Export stage on the tiny bundle: merge, ONNX layout, generation parity with PyTorch, variants, safety."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from smolbox.config import load_config
+from smolbox.export import ExportError, _check_disk, _parity_inputs, export, weight_bytes
+from smolbox.runtime import GRAPHS, OnnxVLM, graph_path
+from smolbox.train import train
+
+VARIANTS = ["fp32", "fp16", "q8", "q4", "int8"]
+
+
+def cfg_for(root: Path, **overrides):
+    base = {"run.output_dir": str(root / "runs"), "run.name": "exp", "train.max_steps": 4, "train.save_steps": 4,
+            "export.output_dir": str(root / "exports")}
+    return load_config("tiny", overrides={**base, **overrides}, env={}, dotenv=None)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_bundle):
+    root = tmp_path_factory.mktemp("export")
+    train(cfg_for(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(root):
+    return export(cfg_for(root))
+
+
+@pytest.fixture(scope="module")
+def merged(exported):
+    model = AutoModelForImageTextToText.from_pretrained(exported.folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return model, AutoProcessor.from_pretrained(exported.folder)
+
+
+def test_folder_has_the_published_layout(exported):
+    folder = exported.folder
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "processor_config.json", "parity.json", "manifest.json"):
+        assert (folder / name).is_file(), name
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    assert pre["processor_class"] == "Idefics3Processor" and pre["do_image_splitting"] is True and "size" in pre
+    assert json.loads((folder / "processor_config.json").read_text())["image_seq_len"] == 4
+    assert "<image>" in json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    for variant in VARIANTS:
+        for graph in GRAPHS:
+            path = graph_path(folder, graph, variant)
+            assert path.is_file() and path.with_name(path.name + "_data").is_file(), path
+    assert not list(folder.parent.glob(".*partial*"))
+    assert all(oct(p.stat().st_mode)[-3:] in ("644", "755") for p in folder.rglob("*"))
+
+
+def test_graph_signatures(exported):
+    def signature(path):
+        model = onnx.load(str(path), load_external_data=False)
+        dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+        return ({i.name: (i.type.tensor_type.elem_type, dims(i)) for i in model.graph.input},
+                {o.name: dims(o) for o in model.graph.output}, model.ir_version)
+
+    inputs, outputs, ir = signature(graph_path(exported.folder, "vision_encoder", "fp32"))
+    assert inputs["pixel_values"] == (onnx.TensorProto.FLOAT, ["batch_size", "num_images", 3, "height", "width"])
+    assert inputs["pixel_attention_mask"] == (onnx.TensorProto.BOOL, ["batch_size", "num_images", "height", "width"])
+    assert ir <= 10
+    inputs, outputs, _ = signature(graph_path(exported.folder, "decoder_model_merged", "fp32"))
+    assert list(inputs)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert inputs["attention_mask"] == (onnx.TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    assert inputs["past_key_values.0.key"][1] == ["batch_size", 4, "past_sequence_length", 16]
+    assert outputs["logits"][0:2] == ["batch_size", "sequence_length"]
+    assert outputs["present.1.value"] == ["batch_size", 4, "total_sequence_length", 16]
+    inputs, _, _ = signature(graph_path(exported.folder, "decoder_model_merged", "fp16"))
+    assert inputs["inputs_embeds"][0] == onnx.TensorProto.FLOAT16
+
+
+def test_exported_processor_equals_the_trained_one(exported, root):
+    original = AutoProcessor.from_pretrained(root / "runs" / "exp" / "adapter")
+    reloaded = AutoProcessor.from_pretrained(exported.folder)
+    for a, b in zip(_parity_inputs(original, 2), _parity_inputs(reloaded, 2)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def _left_padded_batch(processor):
+    """Two prompts of different lengths and tile counts: left padding, and an all-zero padding image."""
+    from PIL import Image
+
+    tall = Image.new("RGB", (40, 90), (200, 30, 30))
+    small = Image.new("RGB", (30, 30), (20, 200, 60))
+    prompts = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the square? Answer in one word."}]}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare?"}]}],
+    ]
+    texts = [processor.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
+    processor.image_processor.do_image_splitting = True
+    return processor(text=texts, images=[[tall], [small, tall]], padding=True, padding_side="left", return_tensors="pt")
+
+
+@pytest.mark.parametrize("batch", ["single", "left_padded_pair"])
+def test_fp32_onnx_greedy_equals_pytorch_generate(exported, merged, batch):
+    model, processor = merged
+    inputs = _parity_inputs(processor, 1)[0] if batch == "single" else _left_padded_batch(processor)
+    if batch != "single":
+        assert (inputs["attention_mask"] == 0).any(), "the batch must be left-padded"
+        assert (inputs["pixel_values"] == 0).flatten(2).all(-1).any(), "the batch must carry a padding image"
+    new = 12
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=new, do_sample=False)[:, inputs["input_ids"].shape[1]:].numpy()
+    runtime = OnnxVLM(exported.folder, "fp32", providers=["CPUExecutionProvider"])
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    ours = runtime.generate(arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"], arrays["pixel_attention_mask"], new)
+    assert ours.shape == expected.shape
+    np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_loads_and_generates(exported, merged, variant):
+    _, processor = merged
+    inputs = {k: v.numpy() for k, v in _left_padded_batch(processor).items()}
+    runtime = OnnxVLM(exported.folder, variant, providers=["CPUExecutionProvider"])
+    tokens = runtime.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["pixel_attention_mask"], 6)
+    vocab = json.loads((exported.folder / "config.json").read_text())["text_config"]["vocab_size"]
+    assert tokens.shape[0] == 2 and 1 <= tokens.shape[1] <= 6
+    assert ((tokens >= 0) & (tokens < vocab)).all()
+    assert variant in exported.parity["variants"]
+
+
+def test_int4_weights_are_under_a_third_of_fp32(exported):
+    variants = exported.manifest["variants"]
+    q4, fp32 = variants["q4"]["weight_bytes"], variants["fp32"]["weight_bytes"]
+    assert q4 == sum(weight_bytes(graph_path(exported.folder, g, "q4")) for g in GRAPHS)
+    assert 0 < q4 < 0.35 * fp32, (q4, fp32)
+
+
+def test_parity_report_and_manifest(exported, root):
+    parity = json.loads((exported.folder / "parity.json").read_text())
+    assert set(parity["variants"]) == set(VARIANTS)
+    fp32 = parity["variants"]["fp32"]
+    assert fp32["ok"] and fp32["greedy_agreement"] == 1.0 and fp32["max_logit_diff_prefill"] < 1e-4
+    for entry in parity["variants"].values():
+        assert {"max_logit_diff_prefill", "max_logit_diff_decode", "greedy_agreement", "ok"} <= set(entry)
+    manifest = json.loads((exported.folder / "manifest.json").read_text())
+    assert manifest["source"]["kind"] == "run" and manifest["merge_into"] == "dequantized_nf4"
+    run_manifest = root / "runs" / "exp" / "manifest.json"
+    assert manifest["source"]["run"]["manifest"] == str(run_manifest.resolve())
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert "onnx/decoder_model_merged_q4.onnx" in listed
+    import hashlib
+
+    sample = listed["onnx/decoder_model_merged.onnx_data"]
+    assert sample["sha256"] == hashlib.sha256((exported.folder / sample["path"]).read_bytes()).hexdigest()
+    assert manifest["parity_flagged"] == [v for v in VARIANTS if not parity["variants"][v]["ok"]]
+
+
+def test_merge_into_dequantized_nf4_reproduces_the_trained_adapter_best(root):
+    """The measurement behind export.merge_into's default (numbers: docs/export.md, bench/merge_fidelity.py)."""
+    from bench.merge_fidelity import merge_errors
+
+    errors = merge_errors(cfg_for(root))
+    assert errors["dequantized_nf4"] < errors["full_precision"], errors
+
+
+def test_existing_export_is_not_replaced_silently(exported, root):
+    with pytest.raises(ExportError, match="already exists"):
+        export(cfg_for(root))
+
+
+def test_incomplete_run_is_refused(root):
+    run = root / "runs" / "half"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"status": "running"}))
+    with pytest.raises(ExportError, match="has not completed"):
+        export(cfg_for(root, **{"export.source": str(run), "export.name": "half"}))
+
+
+def test_adapter_for_another_base_is_refused(root, tmp_path):
+    from smolbox import tiny
+
+    other = tiny.build_model()
+    other.config.text_config.hidden_size = 128
+    other.config.text_config.intermediate_size = 256
+    bigger = type(other)(other.config)
+    bigger.save_pretrained(tmp_path / "other-base")
+    tiny.build_processor().save_pretrained(tmp_path / "other-base")
+    cfg = cfg_for(root, **{"model.id": str(tmp_path / "other-base"), "export.source": str(root / "runs" / "exp" / "adapter"),
+                           "export.name": "wrong", "export.merge_into": "full_precision"})
+    with pytest.raises(ExportError, match="does not fit base model"):
+        export(cfg)
+    assert not (root / "exports" / "wrong").exists()
+
+
+def test_full_disk_is_a_clear_error(root, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        with pytest.raises(ExportError, match="not enough disk"):
+            export(cfg_for(root, **{"export.output_dir": str(small), "export.name": "full"}))
+        assert not [p for p in small.iterdir()], "nothing may be left on the full disk"
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+def test_disk_estimate_refuses_a_model_that_cannot_fit(tmp_path):
+    huge = torch.nn.Linear(10**6, 10**6, bias=False, device="meta")  # 1e12 parameters, no memory
+    with pytest.raises(ExportError, match="not enough disk"):
+        _check_disk(tmp_path, huge, VARIANTS)
+
+
+def test_sigkill_mid_export_leaves_no_complete_looking_folder(root):
+    args = [sys.executable, "-m", "smolbox", "export", "--config", "tiny", "--env-file", "",
+            "--run.output_dir", str(root / "runs"), "--run.name", "exp",
+            "--export.output_dir", str(root / "exports"), "--export.name", "killed"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        partial = list((root / "exports").glob(".killed.partial-*/onnx/vision_encoder.onnx"))
+        if partial:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "export ended before it could be killed"
+    assert not (root / "exports" / "killed").exists()
+    assert list((root / "exports").glob(".killed.partial-*")), "the partial folder is hidden, not final"
+
+    done = subprocess.run(args + ["--export.variants", "[fp32]"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (root / "exports" / "killed" / "manifest.json").is_file()
+    assert not list((root / "exports").glob(".killed.partial-*")), "a new export clears the stale partial folder"
