@@ -123,6 +123,27 @@ class ExportConfig(_Section):
     overwrite: bool = Field(False, description="Replace an existing export folder of the same name")
 
 
+class ServeConfig(_Section):
+    model: str | None = Field(None, description="Export folder to serve; null = <export.output_dir>/<export.name or run.name>")
+    variant: ExportVariant = Field("q4", description="Which ONNX variant to load (fp32, fp16, q8, q4, int8)")
+    model_name: str | None = Field(None, description="Model id in the API; null = the export folder's name")
+    host: str = Field("127.0.0.1", description="Listen address (the serving image sets 0.0.0.0)")
+    port: int = Field(8000, gt=0, lt=65536)
+    provider: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA execution provider when available, else CPU")
+    api_key: str | None = Field(None, description="When set, requests need 'Authorization: Bearer <key>' (use SMOLBOX_SERVE__API_KEY)")
+    max_batch_size: int = Field(8, gt=0, description="Requests generated together in one batch")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to fill a batch")
+    max_queue: int = Field(64, gt=0, description="Waiting requests beyond this get 429")
+    max_body_bytes: int = Field(20_000_000, gt=0, description="Largest request body")
+    max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image (width x height)")
+    max_images: int = Field(4, ge=0, description="Images per request")
+    max_prompt_tokens: int = Field(8192, gt=0, description="Prompt tokens after image expansion")
+    max_tokens_limit: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none")
+    allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs; off: the server makes no outbound requests")
+    drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
@@ -131,6 +152,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -140,7 +162,8 @@ class Config(_Section):
         data = self.to_dict()
         data["run"] = {k: v for k, v in data["run"].items() if k not in {"resume", "min_free_disk_gb", "hf_cache"}}
         data["data"].pop("num_proc", None)
-        data.pop("export", None)  # export settings do not change the trained weights
+        data.pop("export", None)  # export and serve settings do not change the trained weights
+        data.pop("serve", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
