@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("verify", "preflight checks; exits non-zero on a blocking failure"),
         ("train", "DPO training with DoRA on a 4-bit base"),
         ("export", "merge adapters, write ONNX graphs and quantized variants, check parity"),
+        ("serve", "OpenAI-compatible chat server over an export's ONNX graphs (no torch)"),
         ("demo", "verify + train + export on the embedded tiny bundle, offline, on CPU"),
         ("config", "print the resolved config as YAML"),
     ):
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return BLOCKED_EXIT
     if cfg.run.hf_cache:  # run.hf_cache acts as HF_HOME; set before any Hugging Face library is imported
         os.environ["HF_HOME"] = cfg.run.hf_cache
-    return {"verify": _verify, "train": _train, "export": _export, "demo": _demo, "config": _print_config}[ns.command](cfg)
+    return {"verify": _verify, "train": _train, "export": _export, "serve": _serve, "demo": _demo, "config": _print_config}[ns.command](cfg)
 
 
 def _print_config(cfg) -> int:
@@ -95,6 +96,18 @@ def _export(cfg) -> int:
     return 0
 
 
+def _serve(cfg) -> int:
+    from .serve import serve
+
+    _console_logging()
+    try:
+        serve(cfg)
+    except FileNotFoundError as exc:
+        print(f"smolbox: {exc}", file=sys.stderr)
+        return BLOCKED_EXIT
+    return 0
+
+
 def _console_logging() -> None:
     import logging
 
@@ -117,6 +130,12 @@ def _demo(cfg) -> int:
     if code == 0:
         print("== smolbox demo: export ==")
         code = _export(cfg.model_copy(update={"export": cfg.export.model_copy(update={"overwrite": True})}))
+    if code == 0:
+        print("== smolbox demo: serve ==")
+        from .serve import demo_request
+
+        question, answer = demo_request(cfg)
+        print(f"Q: {question}\nA: {answer!r}")
     if code == 0:
         print(f"== smolbox demo finished in {time.perf_counter() - started:.0f} s ==")
     return code

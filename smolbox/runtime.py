@@ -31,10 +31,10 @@ def default_providers() -> list[str]:
 
 @dataclass
 class Step:
-    """Logits of the last position of each row, and the cache to continue from."""
+    """Logits of the last position of each row, and the cache to continue from (device-resident on CUDA)."""
 
     logits: np.ndarray  # [B, V] float32
-    past: dict[str, np.ndarray]
+    past: dict  # name -> np.ndarray, or onnxruntime.OrtValue on the GPU
     attention_mask: np.ndarray  # [B, total]
 
 
@@ -61,7 +61,11 @@ class OnnxVLM:
         }
         decoder = self.sessions["decoder_model_merged"]
         self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        self.output_names = [o.name for o in decoder.get_outputs()]
         self.input_types = {g: {i.name: _ORT_TO_NUMPY[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
+        # Which provider the decoder really got (onnxruntime falls back to CPU when CUDA cannot load).
+        self.provider = decoder.get_providers()[0]
+        self.on_cuda = self.provider == "CUDAExecutionProvider"
 
     def _read_json(self, name: str) -> dict:
         path = self.folder / name
@@ -96,10 +100,33 @@ class OnnxVLM:
         # Same positions as transformers' generate: count real tokens, padding gets 0.
         positions = np.cumsum(attention_mask, axis=-1) - 1
         positions = np.where(attention_mask == 0, 0, positions)[:, -new:]
-        outputs = self._run("decoder_model_merged", {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions, **past})
-        presents = dict(zip((o.name for o in self.sessions["decoder_model_merged"].get_outputs()[1:]), outputs[1:]))
-        next_past = {name.replace("present.", "past_key_values."): value for name, value in presents.items()}
+        feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions}
+        if self.on_cuda:
+            return self._forward_on_device(feeds, past, attention_mask)
+        outputs = self._run("decoder_model_merged", {**feeds, **past})
+        next_past = {name.replace("present.", "past_key_values."): value for name, value in zip(self.output_names[1:], outputs[1:])}
         return Step(outputs[0][:, -1].astype(np.float32), next_past, attention_mask)
+
+    def _forward_on_device(self, feeds: dict, past: dict, attention_mask: np.ndarray) -> Step:
+        """CUDA: the KV cache stays in GPU memory between steps (I/O binding); only the logits come back."""
+        session = self.sessions["decoder_model_merged"]
+        types = self.input_types["decoder_model_merged"]
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
+        for name, value in past.items():
+            if isinstance(value, np.ndarray):  # the empty first-step cache
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        next_past = {name.replace("present.", "past_key_values."): value for name, value in zip(self.output_names[1:], outputs[1:])}
+        logits = outputs[0].numpy()
+        return Step(logits[:, -1].astype(np.float32), next_past, attention_mask)
 
     def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None) -> Step:
         embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)

@@ -1,0 +1,338 @@
+"""Torch-free preprocessing for the serving image: what the exported Idefics3 processor does, with numpy, PIL,
+jinja2 and tokenizers only.
+
+`Preprocessor(folder).encode(text, images)` returns exactly what
+`AutoProcessor.from_pretrained(folder)(text=[text], images=[images], return_tensors="np")` returns (transformers 5,
+`Idefics3ImageProcessorPil`), except that `pixel_attention_mask` is bool (transformers gives int64 0/1), which is
+what the vision encoder graph takes. The image steps mirror the library's one for one, because with LANCZOS
+resampling any shortcut (skipping the resize to whole tiles, resizing the global image from anything but the
+uint8 image) changes the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer
+
+IMAGE_TOKEN = "<image>"
+FAKE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+END_OF_UTTERANCE = "<end_of_utterance>"
+MAX_IMAGE_SIZE = 4096  # the image processor's absolute cap on a resized edge
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+# Idefics3ImageProcessorPil's class defaults, for keys a preprocessor_config.json leaves out.
+IMAGE_DEFAULTS = {
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"longest_edge": 4 * 364},
+    "resample": Image.Resampling.LANCZOS,
+    "do_image_splitting": True,
+    "max_image_size": {"longest_edge": 364},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_pad": True,
+}
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray  # int64 [1, T]
+    attention_mask: np.ndarray  # int64 [1, T]
+    pixel_values: np.ndarray | None  # float32 [1, N, 3, H, W]; None when the prompt has no image
+    pixel_attention_mask: np.ndarray | None  # bool [1, N, H, W]
+
+
+class Preprocessor:
+    """Chat template, image tiling and tokenization of an export folder (see the module docstring)."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+        image_config = {**IMAGE_DEFAULTS, **_read_json(folder / "preprocessor_config.json")}
+        model_config = _read_json(folder / "config.json")
+        generation = _read_json(folder / "generation_config.json")
+
+        self.special_tokens = {
+            key: _token_content(tokenizer_config[key]) for key in NAMED_SPECIAL_TOKENS if tokenizer_config.get(key) is not None
+        }
+        self.tokenizer = _load_tokenizer(folder / "tokenizer.json", tokenizer_config, self.special_tokens)
+        self._template = _compile_template(_chat_template(folder, tokenizer_config))
+
+        self.image_seq_len = int(_read_json(folder / "processor_config.json")["image_seq_len"])
+        self.image_token_id = model_config.get("image_token_id", self.tokenizer.token_to_id(IMAGE_TOKEN))
+        # Generation stops on generation_config's eos ids, as in smolbox.runtime.
+        text_config = model_config.get("text_config", {})
+        eos = generation.get("eos_token_id", text_config.get("eos_token_id"))
+        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # The processor pads with the tokenizer's pad token; pad_batch should too.
+        pad = self.tokenizer.token_to_id(self.special_tokens["pad_token"]) if "pad_token" in self.special_tokens else None
+        self.pad_token_id: int = pad if pad is not None else generation.get("pad_token_id") or 0
+
+        self.image_config = image_config
+        if not image_config["do_pad"]:
+            raise ValueError(f"{folder}: do_pad=false is not supported: the vision encoder needs pixel_attention_mask")
+        for key in ("size", "max_image_size"):
+            if "longest_edge" not in image_config[key]:
+                raise ValueError(f"{folder}: preprocessor_config.json {key} must have 'longest_edge', got {image_config[key]}")
+
+    # ---- text ---------------------------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt string, as `processor.apply_chat_template(messages, add_generation_prompt=...)` renders it."""
+        return self._template.render(
+            messages=_normalize_messages(messages),
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens,
+        )
+
+    def encode(self, text: str, images: list[Image.Image] | None = None) -> Encoded:
+        """Model inputs for one prompt: each `<image>` in `text` takes the next image of `images`, in order."""
+        images = list(images or [])
+        pieces = text.split(IMAGE_TOKEN)
+        if len(pieces) - 1 != len(images):
+            raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} tokens but {len(images)} images were given")
+        tiles: list[np.ndarray] = []
+        expanded = [pieces[0]]
+        for image, piece in zip(images, pieces[1:]):
+            image_tiles, rows, cols = self.image_tiles(image)
+            tiles += image_tiles
+            expanded += [self.image_prompt(rows, cols), piece]
+
+        ids = np.array([self.tokenizer.encode("".join(expanded)).ids], dtype=np.int64)
+        encoded = Encoded(ids, np.ones_like(ids), None, None)
+        if tiles:
+            batch = _pad_images([tiles])
+            encoded.pixel_values, encoded.pixel_attention_mask = batch["pixel_values"], batch["pixel_attention_mask"]
+        return encoded
+
+    def image_prompt(self, rows: int, cols: int) -> str:
+        """The text that replaces one `<image>`: a row-major grid of tiles (if split), then the global image."""
+        image = IMAGE_TOKEN * self.image_seq_len
+        global_image = f"{FAKE_TOKEN}{GLOBAL_IMAGE_TOKEN}{image}{FAKE_TOKEN}"
+        if rows == 0 and cols == 0:
+            return global_image
+        grid = "".join("".join(f"{FAKE_TOKEN}<row_{r}_col_{c}>{image}" for c in range(1, cols + 1)) + "\n" for r in range(1, rows + 1))
+        return f"{grid}\n{global_image}"
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        # transformers skips clean_up_tokenization_spaces for BPE tokenizers, which SmolVLM's are.
+        return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)
+
+    # ---- images -------------------------------------------------------------------------------------------
+
+    def image_tiles(self, image: Image.Image) -> tuple[list[np.ndarray], int, int]:
+        """float32 CHW tiles (row-major, global image last; just the image if it fits one tile), rows, cols."""
+        cfg = self.image_config
+        resample = cfg["resample"]
+        tile = cfg["max_image_size"]["longest_edge"]
+        # The library resizes through PIL images rebuilt from uint8 arrays; rebuilding once gives the same modes
+        # (a palette image without RGB conversion, for one, becomes mode L).
+        pil = Image.fromarray(_to_array(image, cfg["do_convert_rgb"]))
+        if cfg["do_resize"]:
+            pil = pil.resize(_resized_size(pil.width, pil.height, cfg["size"]["longest_edge"]), resample)
+
+        rows = cols = 0
+        if cfg["do_image_splitting"]:
+            pil = pil.resize(_tile_multiple_size(pil.width, pil.height, tile), resample)
+            if pil.height > tile or pil.width > tile:
+                rows, cols = (pil.height - tile) // tile + 1, (pil.width - tile) // tile + 1
+                crops = [pil.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+                frames = [*crops, pil.resize((tile, tile), resample)]
+            else:
+                frames = [pil]
+        else:
+            frames = [pil.resize((tile, tile), resample)]
+        return [self._normalize(_chw(frame)) for frame in frames], rows, cols
+
+    def _normalize(self, pixels: np.ndarray) -> np.ndarray:
+        cfg = self.image_config
+        if cfg["do_rescale"]:  # the library multiplies in float64, then rounds to float32
+            pixels = (pixels.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
+        pixels = pixels.astype(np.float32, copy=False)
+        if cfg["do_normalize"]:
+            mean = np.array(cfg["image_mean"], dtype=np.float32)[:, None, None]
+            std = np.array(cfg["image_std"], dtype=np.float32)[:, None, None]
+            pixels = (pixels - mean) / std
+        return pixels
+
+
+def pad_batch(encodings: list[Encoded], pad_token_id: int) -> dict[str, np.ndarray]:
+    """Left-pad the text of several encodings, and pad their images with all-zero images (mask False) to one shape.
+
+    Equals `processor(text=[...], images=[[...], ...], padding=True, padding_side="left", return_tensors="np")` when
+    every row has images; a row without images gets only zero images, which the vision encoder drops.
+    """
+    length = max(e.input_ids.shape[1] for e in encodings)
+    input_ids = np.full((len(encodings), length), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(encodings), length), dtype=np.int64)
+    for row, e in enumerate(encodings):
+        n = e.input_ids.shape[1]
+        input_ids[row, length - n :] = e.input_ids[0]
+        attention_mask[row, length - n :] = e.attention_mask[0]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if any(e.pixel_values is not None for e in encodings):
+        images = [[] if e.pixel_values is None else list(e.pixel_values[0]) for e in encodings]
+        masks = [[] if e.pixel_attention_mask is None else list(e.pixel_attention_mask[0]) for e in encodings]
+        batch.update(_pad_images(images, masks))
+    return batch
+
+
+def _pad_images(images: list[list[np.ndarray]], masks: list[list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+    """[B, N, C, H, W] zeros padded to the most images and the largest H, W; the mask says which pixels are real."""
+    all_images = [image for row in images for image in row]
+    channels = all_images[0].shape[0]
+    height = max(image.shape[1] for image in all_images)
+    width = max(image.shape[2] for image in all_images)
+    count = max(len(row) for row in images)
+    pixel_values = np.zeros((len(images), count, channels, height, width), dtype=np.float32)
+    pixel_mask = np.zeros((len(images), count, height, width), dtype=bool)
+    for b, row in enumerate(images):
+        for n, image in enumerate(row):
+            h, w = image.shape[1:]
+            pixel_values[b, n, :, :h, :w] = image
+            pixel_mask[b, n, :h, :w] = True if masks is None else masks[b][n][:h, :w]
+    return {"pixel_values": pixel_values, "pixel_attention_mask": pixel_mask}
+
+
+# ---- image geometry (the library's integer arithmetic, kept step for step) ----------------------------------
+
+
+def _resized_size(width: int, height: int, longest_edge: int) -> tuple[int, int]:
+    """(width, height) with the longest edge at `longest_edge`, up or down; the other edge rounded up to even."""
+    aspect = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    # Then no edge above MAX_IMAGE_SIZE (only reachable with a larger longest_edge).
+    aspect = width / height
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height, width = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * aspect)
+    return max(width, 1), max(height, 1)
+
+
+def _tile_multiple_size(width: int, height: int, tile: int) -> tuple[int, int]:
+    """(width, height) rounded up to whole tiles, the short edge derived from the rounded long edge."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return width, height
+
+
+def _to_array(image: Image.Image, convert_rgb: bool) -> np.ndarray:
+    """HWC (or HW) uint8; RGB conversion composites transparency onto white, as the library does."""
+    if not convert_rgb:
+        return np.array(image)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.array(image.convert("RGB"))
+
+
+def _chw(image: Image.Image) -> np.ndarray:
+    pixels = np.array(image)
+    return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
+
+
+# ---- tokenizer and chat template ----------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_content(token) -> str:
+    return token["content"] if isinstance(token, dict) else token
+
+
+def _load_tokenizer(path: Path, config: dict, special_tokens: dict[str, str]) -> Tokenizer:
+    # tokenizer.json's post-processor decides about BOS/EOS: transformers drops add_bos_token / add_eos_token from
+    # tokenizer_config.json whenever tokenizer.json exists.
+    tokenizer = Tokenizer.from_file(str(path))
+    # A plain processor call neither truncates nor pads one text, whatever tokenizer.json says.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+
+    # transformers makes every configured special token, and the processor its image tokens, an added special
+    # token, so that they always encode as one id and decode(skip_special_tokens=True) drops them.
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    extra = extra.values() if isinstance(extra, dict) else extra
+    wanted = [*special_tokens.values(), *map(_token_content, extra), FAKE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE]
+    present = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    missing = list(dict.fromkeys(t for t in wanted if t not in present))
+    if missing:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return tokenizer
+
+
+def _chat_template(folder: Path, tokenizer_config: dict) -> str:
+    """The processor's template: chat_template.jinja, else chat_template.json, else the tokenizer's."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = _read_json(folder / "chat_template.json").get("chat_template") or tokenizer_config.get("chat_template")
+    if not template:
+        raise ValueError(f"{folder}: no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)")
+    return template
+
+
+def _compile_template(template: str):
+    """The environment transformers renders chat templates in: sandboxed, trim/lstrip blocks, its helpers."""
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; transformers' does not.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _normalize_messages(messages: list[dict]) -> list[dict]:
+    """As the processor does before rendering: drop keys whose value is None, turn OpenAI image_url parts into
+    image parts."""
+    normalized = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        if isinstance(message.get("content"), list):
+            message["content"] = [_image_url_part(part) for part in message["content"]]
+        normalized.append(message)
+    return normalized
+
+
+def _image_url_part(part):
+    if isinstance(part, dict) and part.get("type") == "image_url" and "image_url" in part:
+        url = part["image_url"]
+        return {"type": "image", "url": url.get("url", "") if isinstance(url, dict) else url}
+    return part

@@ -1,0 +1,296 @@
+"""A real server on loopback over a real tiny export, hit by a real HTTP client."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from smolbox.config import load_config
+from smolbox.export import export
+from smolbox.runtime import OnnxVLM
+from smolbox.train import train
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder: Path, **serve):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "smolbox", "serve", "--config", "tiny", "--env-file", "",
+                "--serve.model", str(folder), "--serve.port", str(self.port), "--serve.variant", "fp32"]
+        for key, value in serve.items():
+            args += [f"--serve.{key}", str(value)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if get(self.url + "/health")[0] == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            time.sleep(0.2)
+        raise TimeoutError("server did not become healthy")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+def get(url, headers=None):
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def post(url, body, key=API_KEY, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url + "/v1/chat/completions", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def png(color, size=(48, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_uri(raw: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def chat(question, image: bytes | None, **extra):
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": data_uri(image)}})
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 12, **extra}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tiny_bundle):
+    root = tmp_path_factory.mktemp("serve")
+    overrides = {"run.output_dir": str(root / "runs"), "run.name": "srv", "train.max_steps": 4, "train.save_steps": 4,
+                 "export.output_dir": str(root / "exports"), "export.variants": ["fp32", "q4"]}
+    cfg = load_config("tiny", overrides=overrides, env={}, dotenv=None)
+    train(cfg)
+    return export(cfg).folder
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    server = Server(folder, api_key=API_KEY, max_batch_size=8, batch_wait_ms=20)
+    yield server
+    server.stop()
+
+
+def pytorch_answer(folder, question, image: bytes | None, max_new_tokens=12):
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [[Image.open(io.BytesIO(image)).convert("RGB")]] if image else None
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    onnx_tokens = OnnxVLM(folder, "fp32", providers=["CPUExecutionProvider"]).generate(
+        *(inputs[k].numpy() if k in inputs else None for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")),
+        max_new_tokens=max_new_tokens)[0]
+    assert onnx_tokens.tolist() == new[: len(onnx_tokens)].tolist()
+    return processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_health_and_models(server):
+    status, body = get(server.url + "/health")
+    health = json.loads(body)
+    assert status == 200 and health["provider"] == "CPUExecutionProvider" and health["variant"] == "fp32"
+    status, body = get(server.url + "/v1/models", {"Authorization": f"Bearer {API_KEY}"})
+    models = json.loads(body)
+    assert status == 200 and models["object"] == "list" and models["data"][0]["object"] == "model"
+
+
+@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
+def test_greedy_over_http_equals_onnx_loop_and_pytorch_generate(server, folder, with_image):
+    image = png((200, 40, 40)) if with_image else None
+    status, body = post(server.url, chat("What color is the square?", image))
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = reply["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] >= 1
+    assert reply["choices"][0]["message"]["content"] == pytorch_answer(folder, "What color is the square?", image)
+
+
+def test_stream_chunks_join_to_the_same_text(server):
+    body = chat("Describe the image.", png((30, 30, 220)))
+    whole = json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"]
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps({**body, "stream": True,
+                                     "stream_options": {"include_usage": True}}).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert content == whole
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_sixteen_parallel_requests_are_batched_and_correct(server):
+    colors = [(i * 15 % 256, 255 - i * 15 % 256, (i * 70) % 256) for i in range(16)]
+    bodies = [chat(f"Question {i}: what color?", png(c, (32 + 4 * i, 40))) for i, c in enumerate(colors)]
+    sequential = [json.loads(post(server.url, b)[1])["choices"][0]["message"]["content"] for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        parallel = list(pool.map(lambda b: post(server.url, b), bodies))
+    assert all(status == 200 for status, _ in parallel), parallel
+    assert [json.loads(b)["choices"][0]["message"]["content"] for _, b in parallel] == sequential
+    metrics = get(server.url + "/metrics")[1]
+    batches = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("smolbox_batch_size_count")))
+    requests = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("smolbox_batch_size_sum")))
+    assert requests / batches > 1, "concurrent requests were served one by one"
+
+
+def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(server):
+    body = chat("Say something.", png((10, 200, 10)), temperature=1.0, top_p=0.9, seed=42, max_tokens=10)
+    first, second = (json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"] for _ in range(2))
+    assert first == second
+    greedy = json.loads(post(server.url, chat("Say something.", None, max_tokens=12))[1])["choices"][0]
+    text = greedy["message"]["content"]
+    if len(text) >= 3:
+        stop = text[2:4]
+        cut = json.loads(post(server.url, chat("Say something.", None, max_tokens=12, stop=[stop]))[1])["choices"][0]
+        assert cut["message"]["content"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+
+
+HOSTILE = {
+    "bad base64": lambda: chat("x", None) | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@notbase64"}}]}]},
+    "not an image": lambda: chat("x", b"this is not an image at all"),
+    "huge dimensions": lambda: chat("x", _huge_png()),
+    "remote url": lambda: chat("x", None) | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]},
+    "messages not a list": lambda: {"messages": "hello"},
+    "wrong role": lambda: {"messages": [{"role": "robot", "content": "hi"}]},
+    "max_tokens as string": lambda: chat("x", None, max_tokens="12"),
+    "max_tokens over limit": lambda: chat("x", None, max_tokens=10**6),
+    "temperature out of range": lambda: chat("x", None, temperature=5),
+    "n above 1": lambda: chat("x", None, n=2),
+    "prompt over limit": lambda: chat("x " * 5000, None),
+    "too many images": lambda: {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(png((1, 2, 3)))}}] * 5}]},
+    "unknown model": lambda: chat("x", None, model="gpt-4o"),
+}
+
+
+def _huge_png() -> bytes:
+    # A valid PNG header claiming 100000 x 100000 pixels: must be refused before any pixel is decoded.
+    import struct
+    import zlib
+
+    def block(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + block(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)) + block(b"IEND", b"")
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_inputs_get_4xx_and_the_server_keeps_serving(server, case):
+    status, body = post(server.url, HOSTILE[case]())
+    assert 400 <= status < 500, (status, body)
+    error = json.loads(body)["error"]
+    assert error["message"] and error["type"]
+    assert post(server.url, chat("Still there?", None, max_tokens=3))[0] == 200
+
+
+def test_malformed_json_missing_key_and_oversized_body(server):
+    status, body = post(server.url, None, raw=b"{not json")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json"
+    assert post(server.url, chat("x", None), key=None)[0] == 401
+    assert post(server.url, chat("x", None), key="wrong")[0] == 401
+    # The declared size is enough to refuse: the server answers before reading (or waiting for) the body.
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Authorization", f"Bearer {API_KEY}")
+    connection.putheader("Content-Length", "25000000")
+    connection.endheaders(b"{")
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
+    assert post(server.url, chat("ok", None, max_tokens=2))[0] == 200
+
+
+def test_metrics_are_prometheus_text(server):
+    post(server.url, chat("count me", None, max_tokens=2))
+    status, text = get(server.url + "/metrics")
+    assert status == 200
+    for name in ("smolbox_requests_total", "smolbox_request_errors_total", "smolbox_request_latency_seconds_bucket",
+                 "smolbox_time_to_first_token_seconds_bucket", "smolbox_generated_tokens_total", "smolbox_queue_depth"):
+        assert name in text, name
+
+
+def test_full_queue_gets_429_then_sigterm_drains_in_flight_requests(folder):
+    server = Server(folder, max_batch_size=1, max_queue=1, batch_wait_ms=0)
+    try:
+        body = chat("long answer please", png((5, 5, 5)), max_tokens=60)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: post(server.url, body, key=None), range(8)))
+        statuses = [s for s, _ in results]
+        assert 429 in statuses and 200 in statuses, statuses
+        rejected = json.loads(next(b for s, b in results if s == 429))["error"]
+        assert rejected["type"] == "rate_limit_error"
+
+        # Stream a long answer; SIGTERM after the first chunk; the answer must still arrive whole.
+        body = {**chat("finish me", png((9, 9, 9)), max_tokens=300), "stream": True}
+        request = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        after_signal = []
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.readline()
+            server.proc.send_signal(signal.SIGTERM)
+            for raw in response:
+                if raw.startswith(b"data: "):
+                    after_signal.append(raw[6:].strip())
+        assert after_signal[-1] == b"[DONE]" and len(after_signal) > 2
+        assert json.loads(after_signal[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit status is SIGTERM's.
+        assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Finished server process" in server.proc.stdout.read()
+    finally:
+        server.stop()
