@@ -18,6 +18,7 @@ import contextlib
 import copy
 import errno
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -31,6 +32,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import torch
+from PIL import Image
 from torch.export import Dim
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
@@ -370,9 +372,6 @@ def _parity_inputs(processor, count: int) -> list[dict]:
     """Fixed image prompts (drawn shapes, as in the tiny preference set), processed one per batch."""
     rows = tiny.preference_rows(count, seed=PARITY_SEED)
     batches = []
-    from PIL import Image
-    import io
-
     for row in rows:
         images = [Image.open(io.BytesIO(img["bytes"])).convert("RGB") for img in row["images"]]
         text = processor.apply_chat_template(row["prompt"], add_generation_prompt=True)
