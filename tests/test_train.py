@@ -94,14 +94,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(runs, reference_run):
     name = "killed"
     run_dir = runs / name
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cli_args(runs, name), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (runs / "killed.log").open("w")
+    proc = subprocess.Popen(cli_args(runs, name), env=env, stdout=log, stderr=subprocess.STDOUT)
     target = run_dir / "checkpoints" / "checkpoint-8" / COMPLETE_MARKER
     deadline = time.time() + 240
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, "training ended before it was killed:\n" + (runs / "killed.log").read_text()[-3000:]
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
     assert not (run_dir / "adapter").exists()
 
