@@ -29,20 +29,122 @@ def completion_logps(model, batch: dict) -> torch.Tensor:
     """Sum of log-probs of the completion tokens of every row, [2B].
 
     Runs the backbone, then the LM head on completion positions only: full-vocabulary logits for every
-    position of a ~1,200-token image prompt would cost gigabytes and are never used.
+    position of a ~1,200-token image prompt would cost gigabytes and are never used. When the chosen and
+    rejected rows of each pair share their prompt and images (TRL's collator builds them so), the pair runs as
+    one packed row (see `pack_pairs`): the image is encoded and the prompt computed once instead of twice.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    hidden = lm.model(**inputs, use_cache=False).last_hidden_state  # [2B, T, H]
-    targets = batch["input_ids"][:, 1:]
-    scored = batch["completion_mask"][:, 1:].bool()  # position t predicts token t+1
-    rows = torch.nonzero(scored, as_tuple=True)[0]
-    picked = hidden[:, :-1][scored]  # [N, H]
+    packed = pack_pairs(batch, lm.config)
+    if packed is None:
+        inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+        hidden = lm.model(**inputs, use_cache=False).last_hidden_state  # [2B, T, H]
+        scored = batch["completion_mask"][:, 1:].bool()  # position t predicts token t+1
+        rows = torch.nonzero(scored, as_tuple=True)[0]
+        picked = hidden[:, :-1][scored]  # [N, H]
+        targets = batch["input_ids"][:, 1:][scored]
+        n_rows = hidden.shape[0]
+    else:
+        hidden = lm.model(**packed.model_inputs, use_cache=False).last_hidden_state  # [B, T', H]
+        picked = hidden[packed.source_rows, packed.source_cols]  # [N, H]
+        targets, rows, n_rows = packed.targets, packed.rows, 2 * hidden.shape[0]
     lm_head = lm.get_output_embeddings()
     with torch.autocast(picked.device.type, enabled=False):
         logits = lm_head(picked.to(lm_head.weight.dtype)).float()
-    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 1, targets[scored].unsqueeze(1)).squeeze(1)
-    return torch.zeros(hidden.shape[0], dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)
+    return torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+
+
+@dataclass
+class PackedPairs:
+    model_inputs: dict  # input_ids, attention_mask (4D), position_ids, pixel_values, pixel_attention_mask: B rows
+    source_cols: torch.Tensor  # [N] packed column whose hidden state predicts each completion token
+    source_rows: torch.Tensor  # [N] packed row of that column
+    targets: torch.Tensor  # [N] the completion tokens
+    rows: torch.Tensor  # [N] the output row (0..2B-1, TRL's order: chosen rows, then rejected rows) of each token
+
+
+PACKABLE_KEYS = {"input_ids", "attention_mask", "completion_mask", "pixel_values", "pixel_attention_mask"}
+PACKABLE_ATTENTION = {"sdpa", "eager"}  # need a custom 4D mask; flash_attention_2 takes the unpacked path
+
+
+def pack_pairs(batch: dict, config) -> PackedPairs | None:
+    """Each pair as one row: [prompt, chosen completion, rejected completion, padding].
+
+    The rejected tokens attend to the prompt and to themselves, never to the chosen tokens, and take the
+    positions they have in their own row, so every completion token sees exactly what it sees in TRL's
+    [chosen rows; rejected rows] batch: the same function, with the image encoded and the prompt computed once
+    per pair instead of twice. Returns None (use the unpacked batch) when the batch is not of that shape.
+    """
+    if set(batch) - NON_MODEL_KEYS - PACKABLE_KEYS or "pixel_values" not in batch:
+        return None
+    text_config = getattr(config, "text_config", config)
+    attention = getattr(text_config, "_attn_implementation", None) or "sdpa"
+    if attention not in PACKABLE_ATTENTION:
+        return None
+    ids, attn, comp = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
+    n, width = ids.shape
+    if n % 2 or attn.ndim != 2:
+        return None
+    b = n // 2
+    pixels, pixel_mask = batch["pixel_values"], batch.get("pixel_attention_mask")
+    if pixels.shape[0] != n or not torch.equal(pixels[:b], pixels[b:]):
+        return None
+    if pixel_mask is not None and (pixel_mask.shape[0] != n or not torch.equal(pixel_mask[:b], pixel_mask[b:])):
+        return None
+    # Every row must be [prompt, completion, right padding] (TRL flushes left), and the two rows of a pair must
+    # share the prompt token for token.
+    prompt_len = (attn & ~comp).sum(1)
+    comp_len = comp.sum(1)
+    col = torch.arange(width, device=ids.device)
+    expected_comp = (col >= prompt_len[:, None]) & (col < (prompt_len + comp_len)[:, None])
+    if not (torch.equal(comp, expected_comp) and torch.equal(attn, col < (prompt_len + comp_len)[:, None])):
+        return None
+    if not torch.equal(prompt_len[:b], prompt_len[b:]):
+        return None
+    in_prompt = col < prompt_len[:b, None]
+    if not torch.equal(torch.where(in_prompt, ids[:b], 0), torch.where(in_prompt, ids[b:], 0)):
+        return None
+    if (prompt_len == 0).any():
+        return None
+
+    p, cc, cr = prompt_len[:b].tolist(), comp_len[:b].tolist(), comp_len[b:].tolist()
+    if 0 in cr:  # an empty rejected completion: nothing to pack (and no token for its prompt-predicted slot)
+        return None
+    total = max(pi + ci + ri for pi, ci, ri in zip(p, cc, cr))
+    image_token = getattr(config, "image_token_id", None)
+    pad_id = next(t for t in (getattr(text_config, "pad_token_id", None), 0, 1) if t is not None and t != image_token)
+    device = ids.device
+    packed_ids = torch.full((b, total), pad_id, dtype=ids.dtype, device=device)
+    positions = torch.zeros((b, total), dtype=torch.long, device=device)
+    segment = torch.full((b, total), 3, dtype=torch.long, device=device)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
+    src_rows, src_cols, targets, out_rows = [], [], [], []
+    for i in range(b):
+        pi, ci, ri = p[i], cc[i], cr[i]
+        packed_ids[i, :pi + ci] = ids[i, :pi + ci]
+        packed_ids[i, pi + ci:pi + ci + ri] = ids[b + i, pi:pi + ri]
+        positions[i, :pi + ci] = torch.arange(pi + ci, device=device)
+        positions[i, pi + ci:pi + ci + ri] = torch.arange(pi, pi + ri, device=device)
+        segment[i, :pi], segment[i, pi:pi + ci], segment[i, pi + ci:pi + ci + ri] = 0, 1, 2
+        # chosen token at column pi + k is predicted at column pi + k - 1; rejected token k at pi + ci + k - 1,
+        # except its first, which the prompt's last column predicts (as in its own row).
+        src_cols += list(range(pi - 1, pi + ci - 1)) + [pi - 1] + list(range(pi + ci, pi + ci + ri - 1))
+        src_rows += [i] * (ci + ri)
+        out_rows += [i] * ci + [b + i] * ri
+        targets.append(ids[i, pi:pi + ci])
+        targets.append(ids[b + i, pi:pi + ri])
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    cols = torch.arange(total, device=device)
+    causal = cols[:, None] >= cols[None, :]
+    allowed = causal & ((seg_k == 0) | (seg_k == seg_q)) & (seg_q != 3) & (seg_k != 3)
+    allowed |= torch.eye(total, dtype=torch.bool, device=device)  # padding rows attend to themselves: no NaN
+    mask = allowed[:, None]
+    if attention == "eager":
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    inputs = {"input_ids": packed_ids, "attention_mask": mask, "position_ids": positions, "pixel_values": pixels[:b]}
+    if pixel_mask is not None:
+        inputs["pixel_attention_mask"] = pixel_mask[:b]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return PackedPairs(inputs, as_tensor(src_cols), as_tensor(src_rows), torch.cat(targets), as_tensor(out_rows))
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:

@@ -103,7 +103,7 @@ def export(cfg: Config) -> ExportResult:
                     else:
                         build_variant(work / "onnx", variant, cfg.export.block_size)
         with progress("parity"):
-            parity = check_parity(cpu_model, processor, work, cfg)
+            parity = check_parity(cpu_model, processor, work, cfg, device)
         write_json_atomic(work / "parity.json", parity)
         manifest = _manifest(cfg, source, work, parity, timings, device)
         write_json_atomic(work / "manifest.json", manifest)
@@ -216,8 +216,16 @@ class VisionEncoder(torch.nn.Module):
         mask = pixel_attention_mask.reshape(b * n, h, w)
         real = (pixels != 0).flatten(1).any(1)
         pixels, mask = pixels[real], mask[real]
+        if isinstance(pixels.shape[0], torch.SymInt):
+            # Tracing only: the number of real images is data-dependent, and some torch versions (2.11) then
+            # cannot decide how attention masks broadcast ("Could not guard on data-dependent expression
+            # Eq(u0, 1)"). Both operands share that size, so either branch computes the same thing.
+            torch._check(pixels.shape[0] != 1)
         p = self.patch
-        patch_mask = mask.reshape(mask.shape[0], h // p, p, w // p, p).any(4).any(2)
+        # Patches tile the image from the top-left; a remainder narrower than a patch (384 px = 27 x 14 + 6 in
+        # SmolVLM) belongs to no patch, as in transformers' unfold and the patch convolution's stride.
+        rows, cols = h // p, w // p
+        patch_mask = mask[:, : rows * p, : cols * p].reshape(mask.shape[0], rows, p, cols, p).any(4).any(2)
         features = self.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask).last_hidden_state
         return self.connector(features)
 
@@ -298,8 +306,31 @@ def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32") -> None
             rename_outputs={f"present.{n}": {2: "total_sequence_length"} for n in names})
 
 
+@contextlib.contextmanager
+def _exportable_bucketize():
+    """torch.bucketize as a comparison and a sum while tracing.
+
+    Idefics3's vision embeddings bucketize patch coordinates; torch.onnx lowers bucketize to a GatherND that
+    onnxruntime rejects once a coordinate reaches the last bucket ("invalid index found, index = 26" with
+    SmolVLM's 27 patches per side; the tiny model's 4 never do). Counting boundaries is the same function.
+    """
+    original = torch.bucketize
+
+    def bucketize(input, boundaries, *, out_int32=False, right=False, **kwargs):
+        if kwargs or not isinstance(input, torch.Tensor) or boundaries.dim() != 1:
+            return original(input, boundaries, out_int32=out_int32, right=right, **kwargs)
+        passed = input.unsqueeze(-1) >= boundaries if right else input.unsqueeze(-1) > boundaries
+        return passed.sum(-1).to(torch.int32 if out_int32 else torch.int64)
+
+    torch.bucketize = bucketize
+    try:
+        yield
+    finally:
+        torch.bucketize = original
+
+
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, rename_outputs=None) -> None:
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), _quiet_exporter(), _exportable_bucketize():
         program = torch.onnx.export(
             module.eval(), args, dynamo=True, input_names=input_names, output_names=output_names,
             dynamic_shapes=dynamic_shapes, verbose=False,
@@ -357,12 +388,23 @@ def _dynamic_int8(source: Path, target: Path, graph: str) -> None:
     if graph == "embed_tokens":  # no MatMul to quantize; the published _int8 sets carry the table as it is
         save_onnx(onnx.load(str(source)), target)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp) / target.name
-        with _quiet_exporter():
-            quantize_dynamic(str(source), str(scratch), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             use_external_data_format=True)
-        save_onnx(onnx.load(str(scratch)), target)
+    # quantize_dynamic re-runs ONNX shape inference, which disagrees with the exporter's recorded value_info on
+    # the vision graph's bucketize boundaries (Range: 27 inferred, 26 recorded for SmolVLM's 27 patches per side)
+    # and fails. Quantize a copy without the recorded intermediate shapes; it sits beside the source so its
+    # external weights resolve without being copied.
+    graph_only = onnx.load(str(source), load_external_data=False)
+    del graph_only.graph.value_info[:]
+    stripped = source.with_name(f".{source.stem}.int8-source.onnx")
+    onnx.save_model(graph_only, str(stripped))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            scratch = Path(tmp) / target.name
+            with _quiet_exporter():
+                quantize_dynamic(str(stripped), str(scratch), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                                 use_external_data_format=True)
+            save_onnx(onnx.load(str(scratch)), target)
+    finally:
+        stripped.unlink(missing_ok=True)
 
 
 # ---- parity ---------------------------------------------------------------------------------------------------
@@ -379,24 +421,45 @@ def _parity_inputs(processor, count: int) -> list[dict]:
     return batches
 
 
-def check_parity(model, processor, folder: Path, cfg: Config) -> dict:
+def check_parity(model, processor, folder: Path, cfg: Config, device: str = "cpu") -> dict:
     """Per variant, against the merged PyTorch model: logit differences at prefill and at one cached decode step,
-    and greedy agreement over parity_new_tokens. fp32 beyond its bound is a bug and fails the export."""
-    e = cfg.export
-    references = []
-    with torch.no_grad():
-        for inputs in _parity_inputs(processor, e.parity_prompts):
-            prefill = model(**inputs).logits[:, -1].float().numpy()
-            generated = model.generate(**inputs, max_new_tokens=e.parity_new_tokens, do_sample=False)
-            new_tokens = generated[:, inputs["input_ids"].shape[1]:].numpy()
-            extended = {**inputs, "input_ids": generated[:, : inputs["input_ids"].shape[1] + 1],
-                        "attention_mask": torch.ones_like(generated[:, : inputs["input_ids"].shape[1] + 1])}
-            decode = model(**extended).logits[:, -1].float().numpy()
-            references.append((inputs, prefill, decode, new_tokens))
+    and greedy agreement over parity_new_tokens. fp32 beyond its bound is a bug and fails the export.
 
-    report = {"prompts": e.parity_prompts, "new_tokens": e.parity_new_tokens, "reference": "merged PyTorch model, fp32, CPU", "variants": {}}
+    On a GPU machine the fp32 reference runs on the GPU (TF32 off) and the ONNX variants on onnxruntime's CUDA
+    provider when it is installed (fp32 with TF32 off; int8 has no CUDA kernels and stays on the CPU): a
+    full-size model's parity then takes seconds instead of many CPU minutes.
+    """
+    e = cfg.export
+    on_gpu = device == "cuda" and torch.cuda.is_available()
+    if on_gpu:
+        model = model.to("cuda")
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    references = []
+    try:
+        with torch.no_grad():
+            for inputs in _parity_inputs(processor, e.parity_prompts):
+                inputs = inputs.to(model.device)
+                prefill = model(**inputs).logits[:, -1].float().cpu().numpy()
+                generated = model.generate(**inputs, max_new_tokens=e.parity_new_tokens, do_sample=False)
+                new_tokens = generated[:, inputs["input_ids"].shape[1]:].cpu().numpy()
+                extended = {**inputs, "input_ids": generated[:, : inputs["input_ids"].shape[1] + 1],
+                            "attention_mask": torch.ones_like(generated[:, : inputs["input_ids"].shape[1] + 1])}
+                decode = model(**extended).logits[:, -1].float().cpu().numpy()
+                references.append(({k: v.cpu() for k, v in inputs.items()}, prefill, decode, new_tokens))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    import onnxruntime as ort
+
+    cuda = on_gpu and "CUDAExecutionProvider" in ort.get_available_providers()
+    report = {"prompts": e.parity_prompts, "new_tokens": e.parity_new_tokens,
+              "reference": f"merged PyTorch model, fp32, {'CUDA' if on_gpu else 'CPU'}", "variants": {}}
     for variant in e.variants:
-        runtime = OnnxVLM(folder, variant, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if cuda and variant != "int8":
+            providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
+        runtime = OnnxVLM(folder, variant, providers=providers)
         prefill_diff = decode_diff = 0.0
         matches = total = 0
         for inputs, prefill, decode, new_tokens in references:
@@ -410,7 +473,8 @@ def check_parity(model, processor, folder: Path, cfg: Config) -> dict:
             matches += int((ours[:, :n] == new_tokens[:, :n]).sum())
             total += new_tokens.shape[1]
         agreement = matches / total
-        entry = {"max_logit_diff_prefill": prefill_diff, "max_logit_diff_decode": decode_diff, "greedy_agreement": agreement}
+        entry = {"max_logit_diff_prefill": prefill_diff, "max_logit_diff_decode": decode_diff, "greedy_agreement": agreement,
+                 "provider": runtime.provider}
         if variant == "fp32":
             entry["ok"] = max(prefill_diff, decode_diff) <= e.fp32_max_logit_diff and agreement == 1.0
             if not entry["ok"]:

@@ -48,6 +48,7 @@ class OnnxVLM:
         text = config["text_config"]
         self.image_token_id = config["image_token_id"]
         self.num_layers = text["num_hidden_layers"]
+        self.vocab_size = text["vocab_size"]
         generation = self._read_json("generation_config.json")
         eos = generation.get("eos_token_id", text.get("eos_token_id"))
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])

@@ -68,6 +68,11 @@ def _run(cfg: Config, run_dir: Path, resume_from: str | None, manifest: dict) ->
     log.info("device: %s; attention: %s (%s)", device, attn, attn_reason)
     manifest.update(device=device_description(device), attention={"implementation": attn, "reason": attn_reason})
     set_seed(cfg.train.seed)
+    if device == "cuda":
+        # PyTorch's cuDNN attention backend rebuilds its execution plan on the CPU for every new shape (~6 ms a
+        # forward, ~10 ms a backward call; sequence lengths vary per batch), which made training CPU-bound.
+        # Flash / memory-efficient attention compute the same function without that cost (docs/benchmarks.md).
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     model_path = tiny.resolve(cfg.model.id, "model")
     processor = AutoProcessor.from_pretrained(model_path, revision=cfg.model.revision, cache_dir=str(hf_hub_cache(cfg)))

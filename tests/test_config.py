@@ -40,7 +40,7 @@ def test_seed_matches_trl_defaults_for_values_the_recipe_does_not_set():
     assert trl_defaults.loss_type == ["sigmoid"]
 
 
-@pytest.mark.parametrize("name", ["seed", "default", "tiny"])
+@pytest.mark.parametrize("name", ["seed", "default", "lowmem", "tiny"])
 def test_shipped_configs_validate(name):
     cfg = load_config(name, env={}, dotenv=None)
     assert cfg.fingerprint() == load_config(name, env={}, dotenv=None).fingerprint()

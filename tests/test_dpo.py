@@ -86,3 +86,28 @@ def test_trl_config_defaults_we_rely_on():
     args = DPOConfig(output_dir="unused", use_cpu=True, bf16=False)
     assert args.loss_type == ["sigmoid"] and args.f_divergence_type == "reverse_kl"
     assert args.ld_alpha is None and not args.use_weighting
+
+
+def test_pairs_are_packed_and_give_the_unpacked_log_probs(trainer_and_batch, monkeypatch):
+    """TRL's batch repeats each pair's prompt and image; smolbox runs a pair as one packed row. Same numbers."""
+    trainer, batch, _ = trainer_and_batch
+    model = trainer.model
+    packed = dpo.pack_pairs(dict(batch), model.get_base_model().config)
+    assert packed is not None, "a TRL vision batch must take the packed path"
+    b = batch["input_ids"].shape[0] // 2
+    assert packed.model_inputs["input_ids"].shape[0] == b and packed.model_inputs["pixel_values"].shape[0] == b
+    assert packed.targets.numel() == int(batch["completion_mask"].sum())
+    with torch.no_grad():
+        ours = dpo.completion_logps(model, dict(batch))
+        monkeypatch.setattr(dpo, "PACKABLE_ATTENTION", set())
+        assert dpo.pack_pairs(dict(batch), model.get_base_model().config) is None
+        unpacked = dpo.completion_logps(model, dict(batch))
+    torch.testing.assert_close(ours, unpacked, rtol=1e-5, atol=1e-4)
+
+
+def test_pairs_with_different_images_are_not_packed(trainer_and_batch):
+    trainer, batch, _ = trainer_and_batch
+    other = dict(batch)
+    other["pixel_values"] = batch["pixel_values"].clone()
+    other["pixel_values"][-1] += 1.0
+    assert dpo.pack_pairs(other, trainer.model.get_base_model().config) is None

@@ -1,0 +1,222 @@
+"""Serving on one GPU: smolbox's ONNX Runtime path (CUDA provider) against transformers' generate, same card, same
+~1,125-token image prompt (a 512x384 image = 13 tiles).
+
+    python -m bench.serve_bench --export exports/real --hf-model /tmp/rs/model --json serve_bench.json \
+        [--ort-variants q4 fp16] [--hf bf16 nf4] [--http-variant q4 --clients 8 32]
+
+Measures, per engine: time to first token (prefill incl. the vision encoder, median of --repeats after warm-up),
+batch-1 greedy decode tokens/s over --new-tokens steps, and (ORT) the same through the HTTP server: `smolbox serve`
+started in the background on 127.0.0.1 and driven by bench/serve_load.py with N concurrent streaming clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "Describe this image in detail."
+
+
+def image():
+    import random
+
+    from smolbox import tiny
+
+    return tiny._draw("circle", tiny.COLORS["red"], (512, 384), random.Random(3))
+
+
+def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 2)
+
+
+def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch: int) -> dict:
+    import numpy as np
+
+    from smolbox.preprocess import Preprocessor, pad_batch
+    from smolbox.runtime import OnnxVLM
+    from smolbox.serve import _preload_cuda_libraries
+
+    _preload_cuda_libraries()
+    started = time.perf_counter()
+    model = OnnxVLM(folder, variant, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    load_s = time.perf_counter() - started
+    pre = Preprocessor(folder)
+    text = pre.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}])
+    enc = pre.encode(text, [image()])
+    args = (enc.input_ids, enc.attention_mask, enc.pixel_values, enc.pixel_attention_mask)
+
+    def first_token():
+        step = model.prefill(*args)
+        return step, step.logits.argmax(-1).astype(np.int64)
+
+    ttft = _median_ms(first_token, repeats)
+    vision = _median_ms(lambda: model._run("vision_encoder", {"pixel_values": enc.pixel_values,
+                                                              "pixel_attention_mask": enc.pixel_attention_mask.astype(bool)}), repeats)
+
+    def decode_rate(rows: int) -> float:
+        inputs = pad_batch([enc] * rows, pre.pad_token_id)
+        step = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["pixel_attention_mask"])
+        tokens = step.logits.argmax(-1).astype(np.int64)
+        for _ in range(3):  # warm the decode shapes
+            step = model.decode(step, tokens)
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            step = model.decode(step, tokens)
+            tokens = step.logits.argmax(-1).astype(np.int64)
+        return round(rows * new_tokens / (time.perf_counter() - started), 1)
+
+    out = {"engine": f"ORT {variant}", "provider": model.provider, "prompt_tokens": int(enc.input_ids.shape[1]),
+           "load_s": round(load_s, 1), "ttft_ms": ttft, "vision_ms": vision, "decode_tok_s_b1": decode_rate(1)}
+    if batch > 1:
+        out[f"decode_tok_s_b{batch}"] = decode_rate(batch)
+    return out
+
+
+def hf_engine(model_dir: Path, kind: str, new_tokens: int, repeats: int) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": 0}}
+    if kind == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    started = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs).eval()
+    load_s = time.perf_counter() - started
+    processor = AutoProcessor.from_pretrained(model_dir)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=[[image()]], return_tensors="pt").to("cuda")
+
+    def generate(n: int):
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+
+    ttft = _median_ms(lambda: generate(1), repeats)
+    full = _median_ms(lambda: generate(1 + new_tokens), max(1, repeats // 2), warmup=1)
+    out = {"engine": f"transformers {kind}", "provider": "torch CUDA", "prompt_tokens": int(inputs["input_ids"].shape[1]),
+           "load_s": round(load_s, 1), "ttft_ms": ttft, "decode_tok_s_b1": round(new_tokens / ((full - ttft) / 1000), 1),
+           "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tokens: int, max_batch: int) -> list[dict]:
+    from bench.serve_load import run
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "smolbox", "serve", "--config", "default", "--env-file", "",
+           "--serve.model", str(folder), "--serve.variant", variant, "--serve.host", "127.0.0.1",
+           "--serve.port", str(port), "--serve.max_batch_size", str(max_batch), "--serve.max_queue", "512"]
+    log = open(Path(os.environ.get("OUT", "/tmp")) / f"serve_{variant}.log", "w")
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        health = json.loads(response.read())
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not come up (exit {server.poll()}); see serve_{variant}.log")
+            time.sleep(1)
+        run(url, 1, 3, 8, (512, 384), None)  # warm-up
+        rows = []
+        for n in clients:
+            row = run(url, n, seconds, max_tokens, (512, 384), None)
+            row.update(variant=variant, provider=health.get("provider"), max_batch_size=max_batch, max_tokens=max_tokens)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", type=Path, required=True, help="export folder (smolbox export output)")
+    parser.add_argument("--hf-model", type=Path, default=None, help="the same model as a transformers folder")
+    parser.add_argument("--ort-variants", nargs="*", default=["q4", "fp16"])
+    parser.add_argument("--hf", nargs="*", default=["bf16", "nf4"])
+    parser.add_argument("--http-variant", default="q4")
+    parser.add_argument("--clients", type=int, nargs="*", default=[8, 32])
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=32, help="serve.max_batch_size for the HTTP runs")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8, help="also decode this many rows at once (ORT, direct)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    results = {"engines": [], "http": []}
+
+    def save():
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+    jobs = [("ort", v) for v in args.ort_variants] + [("hf", k) for k in (args.hf if args.hf_model else [])]
+    for kind, name in jobs:
+        try:
+            row = ort_engine(args.export, name, args.new_tokens, args.repeats, args.batch) if kind == "ort" else \
+                hf_engine(args.hf_model, name, args.new_tokens, args.repeats)
+        except Exception as exc:  # noqa: BLE001 - one engine failing must not hide the others
+            row = {"engine": f"{kind} {name}", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        print(json.dumps(row), flush=True)
+        results["engines"].append(row)
+        save()
+    if args.http_variant and args.clients:
+        try:
+            results["http"] = http(args.export, args.http_variant, args.clients, args.seconds, args.max_tokens, args.max_batch)
+        except Exception as exc:  # noqa: BLE001
+            results["http"] = [{"error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
+        save()
+
+    print(f"{'engine':<20} {'provider':<22} {'prompt':>6} {'TTFT ms':>8} {'vision ms':>9} {'tok/s b1':>9} {'tok/s bN':>9}")
+    for r in results["engines"]:
+        if "error" in r:
+            print(f"{r['engine']:<20} ERROR {r['error'][:100]}")
+            continue
+        batched = next((v for k, v in r.items() if k.startswith("decode_tok_s_b") and k != "decode_tok_s_b1"), "-")
+        print(f"{r['engine']:<20} {r['provider']:<22} {r['prompt_tokens']:>6} {r['ttft_ms']:>8} {r.get('vision_ms', '-'):>9} "
+              f"{r['decode_tok_s_b1']:>9} {batched:>9}")
+    for r in results["http"]:
+        if "error" in r:
+            print("HTTP ERROR", r["error"])
+            continue
+        print(f"HTTP {r['variant']} {r['clients']:>3} clients: {r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, "
+              f"ttft p50 {r['ttft_p50_s']:.3f} s, latency p50 {r['latency_p50_s']:.2f} s, errors {r['errors']}")
+
+
+if __name__ == "__main__":
+    main()

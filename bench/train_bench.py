@@ -1,0 +1,251 @@
+"""Training throughput (pairs/s) and peak GPU memory: the reference recipe with stock TRL against smolbox configs,
+side by side in one run, on the real-shape model and 512x384 image pairs of bench/real_shapes.py.
+
+    python -m bench.real_shapes --out /tmp/rs
+    python -m bench.train_bench --root /tmp/rs --json train_bench.json [--variants recipe default lowmem ...]
+
+Each variant runs in its own process (clean peak-memory numbers; nothing patched leaks into the next) for
+`--steps` optimizer steps with the gradient accumulation of the variant's table row (smaller than the real
+configs' for time: the micro-batch, which decides speed and memory, is the real one). Step 1 is warm-up;
+pairs/s = pairs of steps 2..N / their wall time. Peak memory is torch.cuda.max_memory_allocated (and _reserved).
+
+Variants:
+  recipe            the cookbook recipe exactly (configs/seed.yaml values) through stock TRL DPOTrainer + peft_config
+  <name>            smolbox.train with configs/<name>.yaml (or a variant below), model/data pointed at --root
+  <name>:unpacked   the same with smolbox.dpo's pair packing switched off (one row per completion, as TRL does)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# name -> (base config, overrides, gradient accumulation used here); accumulation is reduced for time.
+W = "train.dataloader_num_workers"
+BS, CKPT = "train.per_device_train_batch_size", "train.gradient_checkpointing"
+VARIANTS = {
+    "seed": ("seed", {}, 4),
+    "default": ("default", {}, 1),
+    "lowmem": ("lowmem", {}, 2),
+    "default-bs4-w4": ("default", {BS: 4, CKPT: True, W: 4}, 2),
+    "default-bs8-w4": ("default", {BS: 8, CKPT: True, W: 4}, 1),
+    "default-bs2-nockpt-w4": ("default", {BS: 2, CKPT: False, W: 4}, 4),
+    "default-bs4-nockpt-w4": ("default", {BS: 4, CKPT: False, W: 4}, 2),
+    "default-bs1-nockpt-w4": ("default", {BS: 1, CKPT: False, W: 4}, 8),
+    "default-bs16-w8": ("default", {BS: 16, CKPT: True, W: 8}, 1),
+    "default-bs8-w8": ("default", {BS: 8, CKPT: True, W: 8}, 1),
+    "lowmem-bs1": ("default", {BS: 1, CKPT: True}, 4),
+    "lowmem-bs1-w4": ("default", {BS: 1, CKPT: True, W: 4}, 8),
+    "lowmem-bs2-w4": ("default", {BS: 2, CKPT: True, W: 4}, 4),
+    "lowmem-bs1-w2": ("default", {BS: 1, CKPT: True, W: 2}, 4),
+    "lowmem-bs2-w2": ("default", {BS: 2, CKPT: True, W: 2}, 4),
+}
+RECIPE_ACCUMULATION = 4  # the recipe's 32, reduced for time; micro-batch 1 as in the recipe
+
+
+class StepTimer:
+    """A TrainerCallback (built lazily: transformers is imported in the child only) timing optimizer steps."""
+
+    def __new__(cls):
+        import torch
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self):
+                self.ends: list[float] = []
+
+            def on_train_begin(self, args, state, control, **kw):
+                self.ends = [time.perf_counter()]
+
+            def on_step_end(self, args, state, control, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.ends.append(time.perf_counter())
+
+        return _Timer()
+
+
+def _result(timer, pairs_per_step: int, extra: dict) -> dict:
+    import torch
+
+    steps = [round(b - a, 3) for a, b in zip(timer.ends, timer.ends[1:])]
+    measured = steps[1:] or steps
+    out = {
+        **extra, "pairs_per_step": pairs_per_step, "step_s": steps,
+        "pairs_per_s": round(pairs_per_step * len(measured) / sum(measured), 3) if measured else None,
+    }
+    if torch.cuda.is_available():
+        out.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
+    return out
+
+
+def run_recipe(root: Path, steps: int, workdir: Path, cpu: bool) -> dict:
+    """The cookbook, line for line where it matters, with TRL's defaults for everything it leaves out."""
+    import importlib.util
+
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoProcessor, BitsAndBytesConfig, Idefics3ForConditionalGeneration
+    from trl import DPOConfig, DPOTrainer
+
+    model_id, data_id = str(root / "model"), str(root / "data")
+    attn = "flash_attention_2"
+    if cpu or importlib.util.find_spec("flash_attn") is None:
+        print("recipe: flash-attn is not installed; falling back to sdpa", flush=True)
+        attn = "sdpa"
+    compute = torch.float32 if cpu else torch.bfloat16
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=compute)
+    model = Idefics3ForConditionalGeneration.from_pretrained(
+        model_id, device_map={"": "cpu" if cpu else 0}, dtype=compute, quantization_config=bnb_config,
+        _attn_implementation=attn,
+    )
+    processor = AutoProcessor.from_pretrained(model_id)
+    train_dataset = load_dataset(data_id, split="train")
+
+    def ensure_rgb_and_resize(example):
+        images = []
+        for image in example["images"]:
+            image = image.convert("RGB") if image.mode != "RGB" else image
+            image.thumbnail((512, 512))
+            images.append(image)
+        example["images"] = images
+        return example
+
+    train_dataset = train_dataset.map(ensure_rgb_and_resize, num_proc=min(8, os.cpu_count() or 1))
+    peft_config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.1, use_dora=True, init_lora_weights="gaussian",
+                             target_modules=["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"])
+    args = DPOConfig(
+        output_dir=str(workdir / "recipe"), bf16=not cpu, use_cpu=cpu, gradient_checkpointing=True,
+        per_device_train_batch_size=1, per_device_eval_batch_size=1, gradient_accumulation_steps=RECIPE_ACCUMULATION,
+        num_train_epochs=5, max_steps=steps, logging_steps=1, save_strategy="no", eval_strategy="no",
+        max_length=None, report_to=[], disable_tqdm=True,
+    )
+    trainer = DPOTrainer(model, ref_model=None, args=args, train_dataset=train_dataset, processing_class=processor, peft_config=peft_config)
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return _result(timer, RECIPE_ACCUMULATION, {
+        "variant": "recipe", "micro_batch": 1, "accumulation": RECIPE_ACCUMULATION, "real_accumulation": 32,
+        "gradient_checkpointing": True, "attention": attn, "packed": False, "path": "stock TRL DPOTrainer",
+    })
+
+
+def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> dict:
+    import smolbox.train as train_mod
+    from smolbox import dpo
+    from smolbox.config import load_config
+
+    base, packed = name, True
+    if base.endswith(":unpacked"):
+        base, packed = base[: -len(":unpacked")], False
+        dpo.PACKABLE_ATTENTION = set()  # every batch takes the unpacked path
+    config_name, overrides, accumulation = VARIANTS[base]
+    overrides = {
+        **overrides, "model.id": str(root / "model"), "data.id": str(root / "data"), "data.train_split": "train",
+        "data.eval_split": None, "data.num_proc": 1, "train.max_steps": steps, "train.logging_steps": 1,
+        "train.save_steps": 100000, "train.gradient_accumulation_steps": accumulation,
+        "run.output_dir": str(workdir), "run.name": name.replace(":", "-"), "run.min_free_disk_gb": 0,
+    }
+    if cpu:
+        overrides.update({"train.bf16": False, "run.device": "cpu", "model.dtype": "float32", "quant.compute_dtype": "float32",
+                          "model.attn_implementation": "sdpa"})
+    cfg = load_config(config_name, overrides=overrides, env={}, dotenv=None)
+    real = load_config(config_name, overrides={}, env={}, dotenv=None).train
+    timer = StepTimer()
+    build = train_mod._build_trainer
+
+    def with_timer(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(timer)
+        return trainer
+
+    train_mod._build_trainer = with_timer
+    result = train_mod.train(cfg)
+    t = cfg.train
+    return _result(timer, t.per_device_train_batch_size * t.gradient_accumulation_steps, {
+        "variant": name, "micro_batch": t.per_device_train_batch_size, "accumulation": t.gradient_accumulation_steps,
+        "real_accumulation": real.gradient_accumulation_steps, "gradient_checkpointing": t.gradient_checkpointing,
+        "attention": result.manifest["attention"]["implementation"], "packed": packed,
+        "dropout": cfg.adapter.dropout, "workers": t.dataloader_num_workers, "path": f"smolbox.train, configs/{config_name}.yaml",
+    })
+
+
+def child(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> None:
+    started = time.perf_counter()
+    try:
+        result = run_recipe(root, steps, workdir, cpu) if name == "recipe" else run_smolbox(name, root, steps, workdir, cpu)
+    except Exception as exc:  # noqa: BLE001 - reported in the table, the next variant still runs
+        import traceback
+
+        traceback.print_exc()
+        result = {"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except Exception:  # noqa: BLE001
+            pass
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'variant':<22} {'mb':>3} {'acc':>4} {'ckpt':>5} {'packed':>6} {'pairs/s':>8} {'alloc GiB':>9} {'resv GiB':>8} {'x recipe':>8}"
+    base = next((r.get("pairs_per_s") for r in rows if r["variant"] == "recipe" and r.get("pairs_per_s")), None)
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['variant']:<22} ERROR {r['error'][:90]}")
+            continue
+        ratio = f"{r['pairs_per_s'] / base:.2f}" if base and r.get("pairs_per_s") else "-"
+        lines.append(f"{r['variant']:<22} {r['micro_batch']:>3} {r['accumulation']:>4} {str(r['gradient_checkpointing'])[0]:>5} "
+                     f"{str(r['packed'])[0]:>6} {r['pairs_per_s'] or 0:>8.3f} {r.get('peak_allocated_gib', 0):>9.2f} "
+                     f"{r.get('peak_reserved_gib', 0):>8.2f} {ratio:>8}")
+    lines.append("accumulation reduced for time (real: recipe/seed 32, default 8, lowmem see configs); micro-batch as configured")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="folder written by bench.real_shapes")
+    parser.add_argument("--variants", nargs="+", default=["recipe", "default:unpacked", "default", "lowmem"])
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is warm-up)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--cpu", action="store_true", help="smoke test on CPU (fp32, no bf16)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.root, args.steps, args.workdir, args.cpu)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        for name in args.variants:
+            cmd = [sys.executable, "-m", "bench.train_bench", "--child", name, "--root", str(args.root),
+                   "--steps", str(args.steps), "--workdir", tmp] + (["--cpu"] if args.cpu else [])
+            print(f"=== {name}", flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            row = json.loads(lines[-1][7:]) if lines else {"variant": name, "error": f"exit {proc.returncode}: {proc.stderr[-600:]}"}
+            if "error" in row:
+                print(proc.stderr[-3000:], flush=True)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
