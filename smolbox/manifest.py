@@ -33,5 +33,6 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def image_labels() -> dict[str, str]:
     """Build facts baked into our container images as environment variables (empty outside them)."""
-    keys = {"SMOLBOX_BASE_IMAGE": "base_image", "SMOLBOX_LOCK_SHA256": "lock_sha256", "SMOLBOX_GIT_COMMIT": "image_git_commit"}
+    keys = {"SMOLBOX_BASE_IMAGE": "base_image", "SMOLBOX_LOCK_SHA256": "lock_sha256", "SMOLBOX_GIT_COMMIT": "image_git_commit",
+            "SMOLBOX_TORCH": "torch_variant", "SMOLBOX_ORT": "onnxruntime_variant", "SMOLBOX_FLASH_ATTN_WHEEL": "flash_attn_wheel"}
     return {name: os.environ[var] for var, name in keys.items() if os.environ.get(var)}

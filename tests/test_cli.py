@@ -38,7 +38,7 @@ def test_env_file_feeds_the_config(tmp_path):
     assert "learning_rate: 0.25" in result.stdout and "builtin:tiny" in result.stdout
 
 
-@pytest.mark.parametrize("stage", ["verify", "train", "export"])
+@pytest.mark.parametrize("stage", ["verify", "train", "export", "serve"])
 def test_entrypoints_only_exec_the_cli(stage):
     script = (REPO / "entrypoints" / stage).read_text().strip().splitlines()
     commands = [line for line in script if line and not line.startswith("#")]
