@@ -111,7 +111,7 @@ def parse_request(body: dict, cfg, model_name: str) -> tuple[dict, list, list]:
     if len(images) > s.max_images:
         raise APIError(400, f"The request has {len(images)} images; this server accepts at most {s.max_images} per request.", "messages")
     settings = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, stream=stream,
-                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False)
+                    include_usage=isinstance(options := body.get("stream_options"), dict) and bool(options.get("include_usage")))
     return settings, chat, images
 
 
