@@ -7,7 +7,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 mkdir -p /tmp/ortparts
 for p in .devcarry/ort.part*; do [ -f "$p" ] && cp "$p" /tmp/ortparts/; done
-if [ ! -f /tmp/ort/.ok ] && [ "$(ls /tmp/ortparts | wc -l)" -ge 3 ]; then
+if [ ! -f /tmp/ort/.ok ] && [ "$(ls /tmp/ortparts | wc -l)" -ge 4 ]; then  # onnxruntime-gpu, xz, split -n 4
   mkdir -p /tmp/ort && cat /tmp/ortparts/ort.part* | xz -d | tar -x -C /tmp/ort && touch /tmp/ort/.ok
 fi
 if [ -f /tmp/ort/.ok ]; then

@@ -89,6 +89,45 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
     return out
 
 
+def profile_vision(folder: Path, variant: str, top: int = 15) -> dict:
+    """onnxruntime's profiler over one vision-encoder run (after two warm-ups): time per operator type and the
+    provider each ran on, to see where the vision milliseconds go."""
+    import onnxruntime as ort
+
+    from smolbox.preprocess import Preprocessor
+    from smolbox.runtime import graph_path
+    from smolbox.serve import _preload_cuda_libraries
+
+    _preload_cuda_libraries()
+    pre = Preprocessor(folder)
+    text = pre.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}])
+    enc = pre.encode(text, [image()])
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(os.environ.get("OUT", "/tmp")) / f"vision_{variant}")
+    session = ort.InferenceSession(str(graph_path(folder, "vision_encoder", variant)), options,
+                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    dtype = {"tensor(float16)": "float16"}.get(session.get_inputs()[0].type, "float32")
+    feeds = {"pixel_values": enc.pixel_values.astype(dtype), "pixel_attention_mask": enc.pixel_attention_mask.astype(bool)}
+    for _ in range(3):
+        session.run(None, feeds)
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in trace if e.get("name") == "model_run"]
+    last = runs[-1]
+    by_op: dict[tuple[str, str], float] = {}
+    for e in trace:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]:
+            key = (e["args"].get("op_name", "?"), e["args"].get("provider", "?"))
+            by_op[key] = by_op.get(key, 0.0) + e["dur"] / 1000
+    rows = sorted(by_op.items(), key=lambda kv: -kv[1])
+    out = {"variant": variant, "run_ms": round(last["dur"] / 1000, 2), "kernel_ms": round(sum(by_op.values()), 2),
+           "ops": [{"op": op, "provider": provider, "ms": round(ms, 3)} for (op, provider), ms in rows]}
+    print(f"vision {variant}: run {out['run_ms']} ms, node time {out['kernel_ms']} ms")
+    for row in out["ops"][:top]:
+        print(f"  {row['op']:<28} {row['provider']:<24} {row['ms']:>9.3f} ms")
+    return out
+
+
 def hf_engine(model_dir: Path, kind: str, new_tokens: int, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
@@ -176,15 +215,23 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="also decode this many rows at once (ORT, direct)")
+    parser.add_argument("--profile-vision", nargs="*", default=[], help="variants whose vision encoder to profile")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    results = {"engines": [], "http": []}
+    results = {"engines": [], "http": [], "vision_profiles": []}
 
     def save():
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
+    for variant in args.profile_vision:
+        try:
+            results["vision_profiles"].append(profile_vision(args.export, variant))
+        except Exception as exc:  # noqa: BLE001
+            results["vision_profiles"].append({"variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            print("vision profile failed:", results["vision_profiles"][-1]["error"], flush=True)
+        save()
     jobs = [("ort", v) for v in args.ort_variants] + [("hf", k) for k in (args.hf if args.hf_model else [])]
     for kind, name in jobs:
         try:

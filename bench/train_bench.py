@@ -13,6 +13,7 @@ Variants:
   recipe            the cookbook recipe exactly (configs/seed.yaml values) through stock TRL DPOTrainer + peft_config
   <name>            smolbox.train with configs/<name>.yaml (or a variant below), model/data pointed at --root
   <name>:unpacked   the same with smolbox.dpo's pair packing switched off (one row per completion, as TRL does)
+  <name>:peft-dora  the same with peft's DoRA forward instead of smolbox.dora's fused one
 """
 
 from __future__ import annotations
@@ -145,13 +146,14 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> 
     from smolbox import dpo
     from smolbox.config import load_config
 
-    base, packed = name, True
-    if base.endswith(":unpacked"):
-        base, packed = base[: -len(":unpacked")], False
+    # Modifiers after the name: ":unpacked" (TRL's two rows per pair), ":peft-dora" (peft's DoRA forward).
+    base, *modifiers = name.split(":")
+    packed = "unpacked" not in modifiers
+    if not packed:
         dpo.PACKABLE_ATTENTION = set()  # every batch takes the unpacked path
     config_name, overrides, accumulation = VARIANTS[base]
     overrides = {
-        **overrides, "model.id": str(root / "model"), "data.id": str(root / "data"), "data.train_split": "train",
+        **overrides, "adapter.fused_dora": "peft-dora" not in modifiers, "model.id": str(root / "model"), "data.id": str(root / "data"), "data.train_split": "train",
         "data.eval_split": None, "data.num_proc": 1, "train.max_steps": steps, "train.logging_steps": 1,
         "train.save_steps": 100000, "train.gradient_accumulation_steps": accumulation,
         "run.output_dir": str(workdir), "run.name": name.replace(":", "-"), "run.min_free_disk_gb": 0,
@@ -176,7 +178,7 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> 
         "variant": name, "micro_batch": t.per_device_train_batch_size, "accumulation": t.gradient_accumulation_steps,
         "real_accumulation": real.gradient_accumulation_steps, "gradient_checkpointing": t.gradient_checkpointing,
         "attention": result.manifest["attention"]["implementation"], "packed": packed,
-        "dropout": cfg.adapter.dropout, "workers": t.dataloader_num_workers, "path": f"smolbox.train, configs/{config_name}.yaml",
+        "dropout": cfg.adapter.dropout, "fused_dora": cfg.adapter.fused_dora, "workers": t.dataloader_num_workers, "path": f"smolbox.train, configs/{config_name}.yaml",
     })
 
 

@@ -48,6 +48,7 @@ class AdapterConfig(_Section):
     alpha: int = Field(8, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Adapter dropout; 0 enables DoRA's fast path (TRL zeroes dropout anyway)")
     use_dora: bool = Field(True, description="DoRA (weight-decomposed LoRA) instead of plain LoRA")
+    fused_dora: bool = Field(True, description="DoRA's forward as one GEMM epilogue and one scale (smolbox.dora; same function as peft's)")
     init_lora_weights: Literal["gaussian", "default"] = Field("gaussian", description="Initialisation of the A matrices")
     target_modules: list[str] = Field(
         default_factory=lambda: ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"],
@@ -100,7 +101,7 @@ class RunConfig(_Section):
     min_free_disk_gb: float = Field(10.0, ge=0.0, description="verify fails below this free space in output_dir")
 
 
-ExportVariant = Literal["fp32", "fp16", "q8", "q4", "int8"]
+ExportVariant = Literal["fp32", "fp16", "q8", "q4", "q4f16", "int8"]
 
 
 class ExportConfig(_Section):
@@ -111,8 +112,17 @@ class ExportConfig(_Section):
         "dequantized_nf4", description="Base weights the adapters are merged into (docs/export.md has the measurement)"
     )
     variants: list[ExportVariant] = Field(
-        default_factory=lambda: ["fp32", "fp16", "q8", "q4", "int8"],
-        description="fp32 (always), fp16, q8/q4 (MatMulNBits weight-only, CUDA and CPU), int8 (dynamic, CPU only)",
+        default_factory=lambda: ["fp32", "fp16", "q8", "q4", "q4f16", "int8"],
+        description="fp32 (always), fp16, q8/q4 (MatMulNBits weight-only, CUDA and CPU), q4f16 (q4 with fp16 activations, "
+                    "for CUDA), int8 (dynamic, CPU only)",
+    )
+    decoder: Literal["auto", "fused", "traced"] = Field(
+        "auto", description="fused = decoder written with onnxruntime's fused operators (Llama text models); traced = "
+                            "torch.onnx trace; auto = fused where the model allows it",
+    )
+    vision: Literal["auto", "fused", "traced"] = Field(
+        "auto", description="fused = vision encoder written with onnxruntime's fused operators (SigLIP gelu towers with "
+                            "the pixel-shuffle connector); traced = torch.onnx trace; auto = fused where the model allows it",
     )
     block_size: int = Field(32, description="MatMulNBits quantization block size (16, 32, 64, 128, 256)")
     parity_prompts: int = Field(2, gt=0, description="Fixed image prompts used for parity")
@@ -125,7 +135,8 @@ class ExportConfig(_Section):
 
 class ServeConfig(_Section):
     model: str | None = Field(None, description="Export folder to serve; null = <export.output_dir>/<export.name or run.name>")
-    variant: ExportVariant = Field("q4", description="Which ONNX variant to load (fp32, fp16, q8, q4, int8)")
+    variant: Literal["auto", "fp32", "fp16", "q8", "q4", "q4f16", "int8"] = Field(
+        "auto", description="ONNX variant to load; auto = q4f16 on a GPU, q4 on the CPU (else what the export has)")
     model_name: str | None = Field(None, description="Model id in the API; null = the export folder's name")
     host: str = Field("127.0.0.1", description="Listen address (the serving image sets 0.0.0.0)")
     port: int = Field(8000, gt=0, lt=65536)

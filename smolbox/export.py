@@ -4,7 +4,7 @@ exports/<name>/
   config.json, generation_config.json, model.safetensors        the merged PyTorch model
   tokenizer.json, tokenizer_config.json (with chat_template), preprocessor_config.json (flat),
   processor_config.json (image_seq_len), chat_template.json
-  onnx/vision_encoder{,_fp16,_quantized,_q4,_int8}.onnx (+ .onnx_data), embed_tokens*, decoder_model_merged*
+  onnx/vision_encoder{,_fp16,_quantized,_q4,_q4f16,_int8}.onnx (+ .onnx_data), embed_tokens*, decoder_model_merged*
   parity.json                                                    per variant: logit differences, greedy agreement
   manifest.json                                                  files (size, sha256), source run, timings, versions
 
@@ -36,7 +36,7 @@ from PIL import Image
 from torch.export import Dim
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
-from . import __version__, tiny
+from . import __version__, onnx_decoder, onnx_vision, tiny
 from .config import Config, QuantConfig
 from .env import git_commit, hf_hub_cache, package_versions, resolve_device
 from .manifest import now, read_json, write_json_atomic
@@ -93,19 +93,27 @@ def export(cfg: Config) -> ExportResult:
             model.save_pretrained(work)
             save_processor_files(processor, work)
         cpu_model = model.float().cpu().eval() if device == "cuda" else model
+        kinds = {part: graph_kind(cpu_model, part, getattr(cfg.export, part)) for part in FUSABLE}
+        fused = {f"fused_{part}": kind == "fused" for part, kind in kinds.items()}  # export_onnx's keywords
         with progress("onnx fp32"):
-            export_onnx(cpu_model, processor, work / "onnx")
-        for variant in cfg.export.variants:
-            if variant != "fp32":
-                with progress(f"onnx {variant}"):
-                    if variant == "fp16":
-                        export_onnx(cpu_model, processor, work / "onnx", "fp16")
-                    else:
-                        build_variant(work / "onnx", variant, cfg.export.block_size)
+            export_onnx(cpu_model, processor, work / "onnx", **fused)
+        variants = cfg.export.variants
+        for variant in variants:
+            if variant == "fp32":
+                continue
+            with progress(f"onnx {variant}"):
+                if variant == "fp16" or (variant == "q4f16" and "fp16" not in variants):
+                    export_onnx(cpu_model, processor, work / "onnx", "fp16", **fused)
+                if variant != "fp16":
+                    build_variant(work / "onnx", variant, cfg.export.block_size)
+                if variant == "q4f16" and "fp16" not in variants:  # only its source was asked for
+                    for graph in GRAPHS:
+                        for path in (graph_path(work, graph, "fp16"), graph_path(work, graph, "fp16").with_suffix(".onnx_data")):
+                            path.unlink(missing_ok=True)
         with progress("parity"):
             parity = check_parity(cpu_model, processor, work, cfg, device)
         write_json_atomic(work / "parity.json", parity)
-        manifest = _manifest(cfg, source, work, parity, timings, device)
+        manifest = _manifest(cfg, source, work, parity, timings, device, kinds)
         write_json_atomic(work / "manifest.json", manifest)
         _make_world_readable(work)  # a serving container reads it as a non-root user
         if final.exists():  # overwrite: swap in the new folder, then drop the old one
@@ -260,11 +268,28 @@ class DecoderWithCache(torch.nn.Module):
         return (self.lm_head(out.last_hidden_state), *present)
 
 
-def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32") -> None:
+# Graphs that can be written with onnxruntime's fused operators instead of traced: export.<part> picks.
+FUSABLE = {"decoder": onnx_decoder, "vision": onnx_vision}
+
+
+def graph_kind(model, part: str, choice: str) -> str:
+    """'fused' (FUSABLE[part]) or 'traced' (torch.onnx) for export.decoder / export.vision = auto / fused / traced."""
+    reason = FUSABLE[part].unsupported_reason(model)
+    if choice == "fused" and reason:
+        raise ExportError(f"export.{part}=fused does not support this model ({reason}): set export.{part}=traced or auto")
+    if choice == "auto" and reason:
+        log.info("export: %s traced with torch.onnx (the fused %s graph does not support %s)", part, part, reason)
+    return "traced" if choice == "traced" or reason else "fused"
+
+
+def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32", fused_decoder: bool = False,
+                fused_vision: bool = False) -> None:
     """The three graphs of one float variant, with dynamic batch, image count, image size and sequence dimensions.
 
     fp16 is traced from a half-precision copy of the model: onnxruntime's fp32->fp16 graph converter writes
-    duplicate Cast names on torch.onnx's graphs, which onnxruntime then rejects.
+    duplicate Cast names on torch.onnx's graphs, which onnxruntime then rejects. With `fused_decoder` the decoder
+    is written by smolbox.onnx_decoder instead of traced, with `fused_vision` the vision encoder by
+    smolbox.onnx_vision.
     """
     onnx_dir.mkdir(parents=True, exist_ok=True)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[variant]
@@ -276,18 +301,25 @@ def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32") -> None
     layers, hidden = text.num_hidden_layers, text.hidden_size
     kv_heads = text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    float_type = np.float16 if variant == "fp16" else np.float32  # of the fused graphs
 
-    pixel_values = inputs["pixel_values"].to(dtype)
-    pixel_mask = inputs["pixel_attention_mask"].bool()
-    _export(VisionEncoder(model), (pixel_values, pixel_mask), path("vision_encoder"),
-            ["pixel_values", "pixel_attention_mask"], ["image_features"],
-            {"pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
-             "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"}})
+    if fused_vision:
+        save_onnx(onnx_vision.build_vision_encoder(model, float_type), path("vision_encoder"))
+    else:
+        pixel_values = inputs["pixel_values"].to(dtype)
+        pixel_mask = inputs["pixel_attention_mask"].bool()
+        _export(VisionEncoder(model), (pixel_values, pixel_mask), path("vision_encoder"),
+                ["pixel_values", "pixel_attention_mask"], ["image_features"],
+                {"pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
+                 "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"}})
 
     input_ids = inputs["input_ids"]
     _export(TokenEmbeddings(model), (input_ids,), path("embed_tokens"), ["input_ids"], ["inputs_embeds"],
             {"input_ids": {0: "batch_size", 1: "sequence_length"}})
 
+    if fused_decoder:
+        save_onnx(onnx_decoder.build_decoder(model, float_type), path("decoder_model_merged"))
+        return
     # Trace with a non-empty past (torch.export specializes sizes 0 and 1); the graph also runs with past length 0.
     batch, new, past_len = 2, 3, 2
     embeds = torch.randn(batch, new, hidden, dtype=dtype)
@@ -353,12 +385,12 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def build_variant(onnx_dir: Path, variant: str, block_size: int) -> None:
-    """Derive one quantized variant of all three graphs from the fp32 ones."""
+    """Derive one quantized variant of all three graphs from the fp32 ones (q4f16: from the fp16 ones)."""
     for graph in GRAPHS:
-        source = onnx_dir / f"{graph}.onnx"
+        source = graph_path(onnx_dir.parent, graph, "fp16" if variant == "q4f16" else "fp32")
         target = graph_path(onnx_dir.parent, graph, variant)
-        if variant in ("q4", "q8"):
-            save_onnx(_weight_only(onnx.load(str(source)), 4 if variant == "q4" else 8, block_size, graph), target)
+        if variant in ("q4", "q4f16", "q8"):
+            save_onnx(_weight_only(onnx.load(str(source)), 8 if variant == "q8" else 4, block_size, graph), target)
         elif variant == "int8":
             _dynamic_int8(source, target, graph)
         else:
@@ -400,8 +432,9 @@ def _dynamic_int8(source: Path, target: Path, graph: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             scratch = Path(tmp) / target.name
             with _quiet_exporter():
+                # DefaultTensorType: shape inference stops at onnxruntime's own operators (the fused graphs').
                 quantize_dynamic(str(stripped), str(scratch), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                                 use_external_data_format=True)
+                                 use_external_data_format=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             save_onnx(onnx.load(str(scratch)), target)
     finally:
         stripped.unlink(missing_ok=True)
@@ -495,7 +528,7 @@ def check_parity(model, processor, folder: Path, cfg: Config, device: str = "cpu
 # ---- bookkeeping ----------------------------------------------------------------------------------------------
 
 
-def _manifest(cfg: Config, source: Source, folder: Path, parity: dict, timings: dict, device: str) -> dict:
+def _manifest(cfg: Config, source: Source, folder: Path, parity: dict, timings: dict, device: str, kinds: dict[str, str]) -> dict:
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         files.append({"path": str(path.relative_to(folder)), "bytes": path.stat().st_size, "sha256": _sha256(path)})
@@ -508,7 +541,7 @@ def _manifest(cfg: Config, source: Source, folder: Path, parity: dict, timings: 
         "source": {"kind": source.kind, "model_id": source.model_id,
                    "adapter": str(source.adapter_dir.resolve()) if source.adapter_dir else None, "run": run},
         "merge_into": cfg.export.merge_into if source.adapter_dir else None, "device": device,
-        "export_config": cfg.export.model_dump(mode="json"),
+        "export_config": cfg.export.model_dump(mode="json"), **kinds,  # "decoder", "vision": fused / traced
         "variants": {v: {"files": [str(graph_path(Path("."), g, v)) for g in GRAPHS], "parity_ok": parity["variants"][v]["ok"],
                          "weight_bytes": sum(weight_bytes(graph_path(folder, g, v)) for g in GRAPHS)}
                      for v in cfg.export.variants},
@@ -529,7 +562,7 @@ def weight_bytes(path: Path) -> int:
 def _check_disk(out_root: Path, model, variants: list[str]) -> None:
     """Refuse up front when the export cannot fit: about 4 bytes per parameter per fp32-sized copy."""
     params = sum(p.numel() for p in model.parameters())
-    copies = 2 + 0.5 * len([v for v in variants if v == "fp16"]) + 0.4 * len([v for v in variants if v in ("q8", "q4", "int8")])
+    copies = 2 + 0.5 * len([v for v in variants if v == "fp16"]) + 0.4 * len([v for v in variants if v in ("q8", "q4", "q4f16", "int8")])
     needed = int(params * 4 * copies)
     free = shutil.disk_usage(out_root).free
     if free < needed:

@@ -192,6 +192,21 @@ def _load_image(url: str, where: str, cfg) -> Image.Image:
 PREFILL_LOGITS_BUDGET = 2 * 2**30  # bytes of prefill logits one batch may produce; a lone request always runs
 
 
+def resolve_variant(choice: str, folder: Path, providers: list[str] | None) -> str:
+    """serve.variant=auto: q4 with fp16 activations on a GPU, q4 on the CPU (fp16 arithmetic is slow there),
+    else the first variant the export has."""
+    from .runtime import GRAPHS, VARIANT_SUFFIX, default_providers, graph_path
+
+    if choice != "auto":
+        return choice
+    on_cuda = "CUDAExecutionProvider" in (providers or default_providers())
+    available = [v for v in VARIANT_SUFFIX if all(graph_path(folder, g, v).is_file() for g in GRAPHS)]
+    for preferred in (["q4f16", "q4"] if on_cuda else ["q4"]) + available:
+        if preferred in available:
+            return preferred
+    raise FileNotFoundError(f"{folder / 'onnx'} holds no complete ONNX variant")
+
+
 class QueueFull(Exception):
     pass
 
@@ -256,10 +271,11 @@ class Engine:
                     request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
 
     def _prefill_fits(self, batch: list[GenRequest], request: GenRequest) -> bool:
-        """Whether `request` may join `batch`: the decoder returns fp32 logits for every prompt position (the
-        published graph layout), rows x longest prompt x vocabulary. On a GPU, 32 prompts of 1,107 tokens (7 GB
-        of logits) crashed onnxruntime's CUDA provider and the server with it (docs/benchmarks.md)."""
-        longest = max([r.prompt_tokens for r in batch] + [request.prompt_tokens])
+        """Whether `request` may join `batch`: a traced decoder returns fp32 logits for every prompt position,
+        rows x longest prompt x vocabulary. On a GPU, 32 prompts of 1,107 tokens (7 GB of logits) crashed
+        onnxruntime's CUDA provider and the server with it (docs/benchmarks.md). The fused decoder returns the
+        last position only."""
+        longest = max([r.prompt_tokens for r in batch] + [request.prompt_tokens]) if self.model.logits_all_positions else 1
         return (len(batch) + 1) * longest * self.model.vocab_size * 4 <= PREFILL_LOGITS_BUDGET
 
     def _load(self) -> None:
@@ -271,8 +287,9 @@ class Engine:
             _preload_cuda_libraries()
         started = time.perf_counter()
         self.preprocessor = Preprocessor(self.folder)
-        self.model = OnnxVLM(self.folder, self.cfg.serve.variant, providers=providers)
-        log.info("serve: loaded %s (%s) on %s in %.1f s", self.folder, self.cfg.serve.variant, self.model.provider, time.perf_counter() - started)
+        self.variant = resolve_variant(self.cfg.serve.variant, self.folder, providers)
+        self.model = OnnxVLM(self.folder, self.variant, providers=providers)
+        log.info("serve: loaded %s (%s) on %s in %.1f s", self.folder, self.variant, self.model.provider, time.perf_counter() - started)
         self.ready.set()
 
     def _generate(self, batch: list[GenRequest]) -> None:
@@ -299,7 +316,7 @@ class Engine:
             return {"status": "error", "error": self.error}
         if not self.ready.is_set():
             return {"status": "loading"}
-        return {"status": "ok", "provider": self.model.provider, "variant": self.cfg.serve.variant, "model": str(self.folder)}
+        return {"status": "ok", "provider": self.model.provider, "variant": self.variant, "model": str(self.folder)}
 
 
 class _Row:

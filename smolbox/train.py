@@ -140,6 +140,7 @@ def _build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tr
     from peft import LoraConfig
     from trl import DPOConfig
 
+    from .dora import use_fused_dora
     from .trainer import SmolboxDPOTrainer
 
     t = cfg.train
@@ -167,10 +168,13 @@ def _build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tr
         init_lora_weights="gaussian" if cfg.adapter.init_lora_weights == "gaussian" else True,
         target_modules=list(cfg.adapter.target_modules), task_type="CAUSAL_LM",
     )
-    return SmolboxDPOTrainer(
+    trainer = SmolboxDPOTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=processor, peft_config=peft_config,
     )
+    if cfg.adapter.use_dora and cfg.adapter.fused_dora:
+        log.info("train: fused DoRA forward on %d layers (smolbox.dora)", use_fused_dora(trainer.model))
+    return trainer
 
 
 # ---- resume -------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from smolbox.export import ExportError, _check_disk, _parity_inputs, export, wei
 from smolbox.runtime import GRAPHS, OnnxVLM, graph_path
 from smolbox.train import train
 
-VARIANTS = ["fp32", "fp16", "q8", "q4", "int8"]
+VARIANTS = ["fp32", "fp16", "q8", "q4", "q4f16", "int8"]
 
 
 def cfg_for(root: Path, **overrides):
@@ -38,6 +38,13 @@ def root(tmp_path_factory, tiny_bundle):
 @pytest.fixture(scope="module")
 def exported(root):
     return export(cfg_for(root))
+
+
+@pytest.fixture(scope="module")
+def exported_traced(root):
+    """The same run with the torch.onnx-traced decoder and vision encoder (export.decoder/vision=traced), fp32 only."""
+    return export(cfg_for(root, **{"export.decoder": "traced", "export.vision": "traced", "export.variants": ["fp32"],
+                                   "export.name": "exp-traced"}))
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +86,19 @@ def test_graph_signatures(exported):
     assert list(inputs)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
     assert inputs["attention_mask"] == (onnx.TensorProto.INT64, ["batch_size", "total_sequence_length"])
     assert inputs["past_key_values.0.key"][1] == ["batch_size", 4, "past_sequence_length", 16]
-    assert outputs["logits"][0:2] == ["batch_size", "sequence_length"]
+    assert outputs["logits"][0:2] == ["batch_size", 1]  # the fused decoder returns the last position only
     assert outputs["present.1.value"] == ["batch_size", 4, "total_sequence_length", 16]
-    inputs, _, _ = signature(graph_path(exported.folder, "decoder_model_merged", "fp16"))
-    assert inputs["inputs_embeds"][0] == onnx.TensorProto.FLOAT16
+    assert exported.manifest["decoder"] == "fused" and exported.manifest["vision"] == "fused"
+    for variant in ("fp16", "q4f16"):
+        inputs, _, _ = signature(graph_path(exported.folder, "decoder_model_merged", variant))
+        assert inputs["inputs_embeds"][0] == onnx.TensorProto.FLOAT16
+
+
+def test_traced_decoder_keeps_the_full_sequence_layout(exported_traced):
+    model = onnx.load(str(graph_path(exported_traced.folder, "decoder_model_merged", "fp32")), load_external_data=False)
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    assert [d.dim_param for d in logits.type.tensor_type.shape.dim][:2] == ["batch_size", "sequence_length"]
+    assert exported_traced.manifest["decoder"] == "traced" and exported_traced.manifest["vision"] == "traced"
 
 
 def test_exported_processor_equals_the_trained_one(exported, root):
@@ -109,8 +125,10 @@ def _left_padded_batch(processor):
     return processor(text=texts, images=[[tall], [small, tall]], padding=True, padding_side="left", return_tensors="pt")
 
 
+@pytest.mark.parametrize("decoder", ["fused", "traced"])
 @pytest.mark.parametrize("batch", ["single", "left_padded_pair"])
-def test_fp32_onnx_greedy_equals_pytorch_generate(exported, merged, batch):
+def test_fp32_onnx_greedy_equals_pytorch_generate(request, merged, batch, decoder):
+    exported = request.getfixturevalue("exported" if decoder == "fused" else "exported_traced")
     model, processor = merged
     inputs = _parity_inputs(processor, 1)[0] if batch == "single" else _left_padded_batch(processor)
     if batch != "single":

@@ -297,14 +297,17 @@ def test_full_queue_gets_429_then_sigterm_drains_in_flight_requests(folder):
 
 
 def test_batches_stay_within_the_prefill_logits_budget():
-    """The decoder returns logits for every prompt position; full-size prompts must not all prefill at once."""
+    """A traced decoder returns logits for every prompt position; full-size prompts must not all prefill at once.
+    The fused decoder returns the last position only, so 32 of them fit."""
     from types import SimpleNamespace
 
     from smolbox.serve import Engine, Metrics
 
     engine = Engine(load_config("default", env={}, dotenv=None), Path("unused"), Metrics())
-    engine.model = SimpleNamespace(vocab_size=49155)  # SmolVLM-Instruct
     prompt = lambda tokens: SimpleNamespace(prompt_tokens=tokens)  # noqa: E731
+    engine.model = SimpleNamespace(vocab_size=49155, logits_all_positions=False)  # SmolVLM-Instruct, fused decoder
+    assert engine._prefill_fits([prompt(1107)] * 31, prompt(1107))
+    engine.model = SimpleNamespace(vocab_size=49155, logits_all_positions=True)  # traced decoder
     assert engine._prefill_fits([prompt(1107)] * 7, prompt(1107))  # 8 image prompts: 1.6 GiB of logits
     assert not engine._prefill_fits([prompt(1107)] * 31, prompt(1107))  # 32 of them crashed the CUDA provider
     assert not engine._prefill_fits([prompt(100)], prompt(8192))

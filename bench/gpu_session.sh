@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One lease on the GPU machine, in stages (one device call each; the machine stays warm between back-to-back
+# calls, so /tmp/rs, /tmp/runs and /tmp/exp carry over). Every stage sources bench/device_env.sh, which installs
+# the carried packages and, once all four parts have arrived, onnxruntime-gpu.
+#
+#   bash bench/gpu_session.sh train      real-shape model + recipe (stock TRL) vs default.yaml, same run
+#   bash bench/gpu_session.sh train2     default with peft's DoRA forward, and lowmem.yaml
+#   bash bench/gpu_session.sh e2e-train  verify + a few QDoRA DPO steps through `smolbox train`; transformers serving
+#   bash bench/gpu_session.sh e2e-serve  `smolbox export` of that run, one HTTP request, bench/vision_bench.py
+#   bash bench/gpu_session.sh export     the same with export.source=base (when no run exists)
+#   bash bench/gpu_session.sh serve-bench  bench/serve_bench.py on that export: ORT variants, HTTP at 8 and 32 clients
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/device_env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/card.txt"
+[ -d /tmp/rs/model ] || python -m bench.real_shapes --out /tmp/rs --device cuda 2>&1 | tail -3
+REAL=(--config default --model.id /tmp/rs/model --data.id /tmp/rs/data --data.train_split train --data.eval_split null
+      --run.output_dir /tmp/runs --run.name e2e --run.min_free_disk_gb 0 --env-file "")
+VARIANTS="[fp32, fp16, q4f16, q4]"
+
+request() {  # one image question to a running server; prints the answer
+  python - "$1" <<'EOF'
+import base64, io, json, sys, urllib.request
+from bench.serve_bench import image
+buf = io.BytesIO(); image().save(buf, format="PNG")
+body = {"max_tokens": 24, "messages": [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
+    {"type": "text", "text": "Describe this image in detail."}]}]}
+req = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=120) as r:
+    answer = json.loads(r.read())
+print("HTTP answer:", json.dumps({"usage": answer["usage"], "finish_reason": answer["choices"][0]["finish_reason"],
+                                  "text": answer["choices"][0]["message"]["content"][:120]}))
+EOF
+}
+
+case "${1:?stage}" in
+  train)
+    python -m bench.train_bench --root /tmp/rs --steps 8 --variants recipe --json "$OUT/train_recipe.json" 2>&1 | tail -4
+    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default --json "$OUT/train_default.json" 2>&1 | tail -4
+    ;;
+  train2)
+    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default:peft-dora lowmem --json "$OUT/train2.json" 2>&1 | tail -5
+    ;;
+  e2e-train)
+    python -m smolbox verify "${REAL[@]}" 2>&1 | tail -20
+    python -m smolbox train "${REAL[@]}" --train.max_steps 2 --train.save_steps 2 --train.logging_steps 1 2>&1 | tail -6
+    cp /tmp/runs/e2e/manifest.json "$OUT/e2e_run_manifest.json"; cp /tmp/runs/e2e/metrics.jsonl "$OUT/e2e_metrics.jsonl"
+    python -m bench.serve_bench --export /tmp/rs/model --hf-model /tmp/rs/model --ort-variants --hf bf16 nf4 --clients \
+      --json "$OUT/serve_hf.json" 2>&1 | tail -4
+    ;;
+  e2e-serve|export)
+    if [ "$1" = e2e-serve ]; then
+      python -m smolbox export "${REAL[@]}" --export.output_dir /tmp/exp --export.variants "$VARIANTS" 2>&1 | grep -E "export:|Error|error" | tail -20
+      folder=/tmp/exp/e2e
+    else
+      python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
+        --export.variants "$VARIANTS" 2>&1 | grep -E "export:|Error|error" | tail -20
+      folder=/tmp/exp/base
+    fi
+    cp "$folder/parity.json" "$OUT/parity.json"; python -c "import json,sys; m=json.load(open('$folder/manifest.json')); json.dump({k: m[k] for k in ('timings_s','variants','decoder','source')}, open('$OUT/export_manifest.json','w'), indent=1)"
+    port=8123
+    python -m smolbox serve --config default --env-file '' --serve.model "$folder" --serve.port $port >"$OUT/serve_one.log" 2>&1 &
+    server=$!
+    for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
+    curl -s "http://127.0.0.1:$port/health"; echo
+    request "http://127.0.0.1:$port"
+    kill -TERM $server; wait $server
+    python -m bench.vision_bench --model "$folder" --dtypes fp16 fp32 --q4 --json "$OUT/vision.json" 2>&1 | grep -v Warn | tail -8
+    ;;
+  serve-bench)
+    folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)
+    python -m bench.serve_bench --export "$folder" --ort-variants q4f16 q4 fp16 --hf --http-variant q4f16 --clients 8 32 \
+      --seconds 12 --profile-vision q4f16 --json "$OUT/serve_ort.json" 2>&1 | grep -v Warning | tail -45
+    ;;
+esac
