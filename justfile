@@ -39,7 +39,7 @@ train *ARGS: _dirs
 export *ARGS: _dirs
     {{ compose }} run --rm export "$@"
     name=$({{ just_executable() }} --justfile {{ justfile() }} _export-name "$@") && \
-      bash scripts/bake-serve-image "{{ exports_dir }}/$name" "{{ serve_image }}:$name" "${SMOLBOX_SERVE__VARIANT:-q4}"
+      bash scripts/bake-serve-image "{{ exports_dir }}/$name" "{{ serve_image }}:$name" "${SMOLBOX_SERVE__VARIANT:-auto}"
 
 # Serve a baked export (default: the configured run's) on SMOLBOX_SERVE_BIND:SMOLBOX_SERVE_PORT
 serve NAME="":

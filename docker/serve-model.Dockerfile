@@ -8,8 +8,8 @@ FROM ${SERVE_IMAGE}
 ARG EXPORT_NAME=unknown
 ARG VARIANT=""
 LABEL io.smolbox.export="${EXPORT_NAME}" \
-      io.smolbox.variant="${VARIANT:-all}"
+      io.smolbox.variant="${VARIANT:-auto}"
 COPY . /models/export/
 # The baked variant is what the server loads unless SMOLBOX_SERVE__VARIANT says otherwise at run time.
 ENV SMOLBOX_EXPORT_NAME=${EXPORT_NAME} \
-    SMOLBOX_SERVE__VARIANT=${VARIANT:-q4}
+    SMOLBOX_SERVE__VARIANT=${VARIANT:-auto}
