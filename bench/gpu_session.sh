@@ -9,13 +9,14 @@
 #   bash bench/gpu_session.sh e2e-serve  `smolbox export` of that run, one HTTP request, bench/vision_bench.py
 #   bash bench/gpu_session.sh export     the same with export.source=base (when no run exists)
 #   bash bench/gpu_session.sh serve-bench  bench/serve_bench.py on that export: ORT variants, HTTP at 8 and 32 clients
+#   bash bench/gpu_session.sh batching     base export (q4f16), HTTP static vs continuous batching
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/card.txt"
-[ -d /tmp/rs/model ] || python -m bench.real_shapes --out /tmp/rs --device cuda 2>&1 | tail -3
+[ -d /tmp/rs/model ] || [ "${1:-}" = parts ] || python -m bench.real_shapes --out /tmp/rs --device cuda 2>&1 | tail -1
 REAL=(--config default --model.id /tmp/rs/model --data.id /tmp/rs/data --data.train_split train --data.eval_split null
       --run.output_dir /tmp/runs --run.name e2e --run.min_free_disk_gb 0 --env-file "")
 VARIANTS="[fp32, fp16, q4f16, q4]"
@@ -37,6 +38,7 @@ EOF
 }
 
 case "${1:?stage}" in
+  parts|prepare) ;;  # carry an onnxruntime-gpu part (device_env.sh above); prepare also builds /tmp/rs
   train)
     python -m bench.train_bench --root /tmp/rs --steps 8 --variants recipe --json "$OUT/train_recipe.json" 2>&1 | tail -4
     python -m bench.train_bench --root /tmp/rs --steps 5 --variants default --json "$OUT/train_default.json" 2>&1 | tail -4
@@ -69,6 +71,12 @@ case "${1:?stage}" in
     request "http://127.0.0.1:$port"
     kill -TERM $server; wait $server
     python -m bench.vision_bench --model "$folder" --dtypes fp16 fp32 --q4 --json "$OUT/vision.json" 2>&1 | grep -v Warn | tail -8
+    ;;
+  batching)  # fresh machine: base export (q4f16), then HTTP with static against continuous batching, side by side
+    python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
+      --export.variants "[fp32, q4f16]" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 8 32 --seconds 15 \
+      --max-tokens 256 --batching static continuous --json "$OUT/serve_batching.json" 2>&1 | grep -E "^HTTP|Error"
     ;;
   serve-bench)
     folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)

@@ -159,7 +159,8 @@ def hf_engine(model_dir: Path, kind: str, new_tokens: int, repeats: int) -> dict
     return out
 
 
-def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tokens: int, max_batch: int) -> list[dict]:
+def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tokens: int, max_batch: int,
+         continuous: bool = True) -> list[dict]:
     from bench.serve_load import run
 
     with socket.socket() as probe:
@@ -167,7 +168,8 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
         port = probe.getsockname()[1]
     cmd = [sys.executable, "-m", "smolbox", "serve", "--config", "default", "--env-file", "",
            "--serve.model", str(folder), "--serve.variant", variant, "--serve.host", "127.0.0.1",
-           "--serve.port", str(port), "--serve.max_batch_size", str(max_batch), "--serve.max_queue", "512"]
+           "--serve.port", str(port), "--serve.max_batch_size", str(max_batch), "--serve.max_queue", "512",
+           "--serve.continuous_batching", str(continuous).lower()]
     log = open(Path(os.environ.get("OUT", "/tmp")) / f"serve_{variant}.log", "w")
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -188,7 +190,8 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
         rows = []
         for n in clients:
             row = run(url, n, seconds, max_tokens, (512, 384), None)
-            row.update(variant=variant, provider=health.get("provider"), max_batch_size=max_batch, max_tokens=max_tokens)
+            row.update(variant=variant, provider=health.get("provider"), max_batch_size=max_batch, max_tokens=max_tokens,
+                       batching="continuous" if continuous else "static")
             print(json.dumps(row), flush=True)
             rows.append(row)
         return rows
@@ -212,6 +215,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32, help="serve.max_batch_size for the HTTP runs")
+    parser.add_argument("--batching", nargs="+", default=["continuous"], choices=["continuous", "static"],
+                        help="serve.continuous_batching for the HTTP runs; both = side by side")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="also decode this many rows at once (ORT, direct)")
@@ -244,7 +249,8 @@ def main() -> None:
         save()
     if args.http_variant and args.clients:
         try:
-            results["http"] = http(args.export, args.http_variant, args.clients, args.seconds, args.max_tokens, args.max_batch)
+            results["http"] = [row for mode in args.batching for row in http(
+                args.export, args.http_variant, args.clients, args.seconds, args.max_tokens, args.max_batch, mode == "continuous")]
         except Exception as exc:  # noqa: BLE001
             results["http"] = [{"error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
         save()
@@ -261,7 +267,7 @@ def main() -> None:
         if "error" in r:
             print("HTTP ERROR", r["error"])
             continue
-        print(f"HTTP {r['variant']} {r['clients']:>3} clients: {r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, "
+        print(f"HTTP {r['variant']} {r.get('batching', 'continuous'):<10} {r['clients']:>3} clients: {r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, "
               f"ttft p50 {r['ttft_p50_s']:.3f} s, latency p50 {r['latency_p50_s']:.2f} s, errors {r['errors']}")
 
 

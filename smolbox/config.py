@@ -144,6 +144,7 @@ class ServeConfig(_Section):
     api_key: str | None = Field(None, description="When set, requests need 'Authorization: Bearer <key>' (use SMOLBOX_SERVE__API_KEY)")
     max_batch_size: int = Field(8, gt=0, description="Requests generated together in one batch")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to fill a batch")
+    continuous_batching: bool = Field(True, description="Waiting requests join the running batch after their prefill; false = a batch runs until its last row finishes")
     max_queue: int = Field(64, gt=0, description="Waiting requests beyond this get 429")
     max_body_bytes: int = Field(20_000_000, gt=0, description="Largest request body")
     max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image (width x height)")

@@ -83,6 +83,7 @@ class OnnxVLM:
         # A traced decoder returns logits for every position, the fused one (smolbox.onnx_decoder) the last only.
         self.logits_all_positions = decoder.get_outputs()[0].shape[1] != 1
         self.input_types = {g: {i.name: _ORT_TO_NUMPY[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
+        self._cache_sessions: dict = {}
         # Which provider the decoder really got (onnxruntime falls back to CPU when CUDA cannot load).
         self.provider = decoder.get_providers()[0]
         self.on_cuda = self.provider == "CUDAExecutionProvider"
@@ -148,6 +149,52 @@ class OnnxVLM:
         logits = outputs[0].numpy()
         return Step(logits[:, -1].astype(np.float32), next_past, attention_mask)
 
+    # ---- batch surgery (continuous batching): rows leave a running batch, new rows join it -------------------
+
+    def select(self, step: Step, rows: list[int]) -> Step:
+        """Keep only `rows` of a batch (finished requests leave) and drop cache columns that are padding in every
+        remaining row."""
+        mask = step.attention_mask[rows]
+        trim = int(np.argmax(mask.any(axis=0)))
+        feeds = {"index": np.asarray(rows, np.int64), "trim": np.array([trim], np.int64)}
+        past = self._cache_op("select", {name: {"x": value} for name, value in step.past.items()}, feeds)
+        return Step(step.logits[rows], past, mask[:, trim:])
+
+    def merge(self, a: Step, b: Step) -> Step:
+        """One batch from two: the shorter cache is left-padded (its padding columns are masked out, positions come
+        from the mask) and the rows are stacked."""
+        total = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
+        pad = {key: total - s.attention_mask.shape[1] for key, s in (("a", a), ("b", b))}
+        feeds = {f"pads_{key}": np.array([0, 0, n, 0, 0, 0, 0, 0], np.int64) for key, n in pad.items()}
+        past = self._cache_op("merge", {name: {"a": a.past[name], "b": b.past[name]} for name in a.past}, feeds)
+        mask = np.concatenate([np.pad(a.attention_mask, ((0, 0), (pad["a"], 0))), np.pad(b.attention_mask, ((0, 0), (pad["b"], 0)))])
+        return Step(np.concatenate([a.logits, b.logits]), past, mask)
+
+    def _cache_op(self, op: str, tensors: dict[str, dict], feeds: dict[str, np.ndarray]) -> dict:
+        """Run one small graph per cache tensor, on the decoder's device (the cache never leaves the GPU)."""
+        session = self._cache_sessions.get(op)
+        if session is None:
+            import onnxruntime as ort
+
+            dtype = next(iter(self.input_types["decoder_model_merged"][i.name] for i in self.past_inputs))
+            session = self._cache_sessions[op] = ort.InferenceSession(
+                _cache_graph(op, dtype).SerializeToString(), providers=self.sessions["decoder_model_merged"].get_providers())
+        out = {}
+        for name, inputs in tensors.items():
+            if not self.on_cuda:
+                out[name] = session.run(None, {**inputs, **feeds})[0]
+                continue
+            binding = session.io_binding()
+            for key, value in {**inputs, **feeds}.items():
+                if isinstance(value, np.ndarray):
+                    binding.bind_cpu_input(key, value)
+                else:
+                    binding.bind_ortvalue_input(key, value)
+            binding.bind_output("y", "cuda")
+            session.run_with_iobinding(binding)
+            out[name] = binding.get_outputs()[0]
+        return out
+
     def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None) -> Step:
         embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)
         return self.forward(embeds, attention_mask.astype(np.int64), self.empty_past(input_ids.shape[0]))
@@ -170,3 +217,27 @@ class OnnxVLM:
                 break
             step = self.decode(step, tokens)
         return np.stack(generated, axis=1)
+
+
+def _cache_graph(op: str, dtype):
+    """select: y = x[index][:, :, trim:]   merge: y = concat(pad(a, pads_a), pad(b, pads_b)) along the batch.
+    x, a, b are one cache tensor [batch, heads, length, head_dim]; pads are ONNX Pad's 8 numbers."""
+    from onnx import TensorProto, helper
+
+    elem = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}[dtype]
+    cache = lambda name: helper.make_tensor_value_info(name, elem, ["b", "h", "t", "d"])  # noqa: E731
+    ints = lambda name, n: helper.make_tensor_value_info(name, TensorProto.INT64, [n])  # noqa: E731
+    big = helper.make_tensor("end", TensorProto.INT64, [1], [2**62])
+    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
+    if op == "select":
+        nodes = [helper.make_node("Gather", ["x", "index"], ["rows"], axis=0),
+                 helper.make_node("Slice", ["rows", "trim", "end", "axis"], ["y"])]
+        inputs, inits = [cache("x"), ints("index", "k"), ints("trim", 1)], [big, axis]
+    else:
+        nodes = [helper.make_node("Pad", ["a", "pads_a"], ["pa"]), helper.make_node("Pad", ["b", "pads_b"], ["pb"]),
+                 helper.make_node("Concat", ["pa", "pb"], ["y"], axis=0)]
+        inputs, inits = [cache("a"), cache("b"), ints("pads_a", 8), ints("pads_b", 8)], []
+    graph = helper.make_graph(nodes, f"kv_{op}", inputs, [cache("y")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="smolbox.runtime")
+    model.ir_version = 10
+    return model

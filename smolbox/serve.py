@@ -221,6 +221,7 @@ class Engine:
         self.stopping = threading.Event()
         self.error: str | None = None
         self.model = self.preprocessor = None
+        self.pending: GenRequest | None = None  # a request that did not fit the last prefill goes first next time
         self.thread = threading.Thread(target=self._main, name="smolbox-engine", daemon=True)
 
     def start(self) -> None:
@@ -243,32 +244,85 @@ class Engine:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("serve: loading %s failed: %s", self.folder, self.error)
             return
-        pending = None  # a request that did not fit the previous batch goes first into the next
+        active: _Batch | None = None
         while not self.stopping.is_set():
-            try:
-                first = pending or self.queue.get(timeout=0.1)
-            except queue.Empty:
+            if active is None:
+                active = self._admit(block=True, room=self.cfg.serve.max_batch_size)
                 continue
-            pending = None
-            batch = [first]
-            deadline = time.perf_counter() + self.cfg.serve.batch_wait_ms / 1000
-            while len(batch) < self.cfg.serve.max_batch_size:
-                try:
-                    request = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if not self._prefill_fits(batch, request):
-                    pending = request
-                    break
-                batch.append(request)
-            self.metrics.queue_depth.set(self.queue.qsize())
-            self.metrics.batch_size.observe(len(batch))
             try:
-                self._generate(batch)
+                active = self._advance(active)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
                 log.exception("serve: generation failed")
-                for request in batch:
-                    request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
+                for row in active.rows:
+                    if not row.finished:
+                        row.request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
+                active = None
+
+    def _take(self, block: bool, room: int) -> list[GenRequest]:
+        """Waiting requests for one prefill: up to `room`, within the prefill-logits budget. Blocking (nothing is
+        running) waits for a first request and then up to serve.batch_wait_ms for more."""
+        batch: list[GenRequest] = []
+        deadline = time.perf_counter() + self.cfg.serve.batch_wait_ms / 1000
+        while len(batch) < room:
+            if self.pending is not None:
+                request, self.pending = self.pending, None
+            else:
+                try:
+                    if block and not batch:
+                        request = self.queue.get(timeout=0.1)
+                    elif block:
+                        request = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                    else:
+                        request = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch and not self._prefill_fits(batch, request):
+                self.pending = request
+                break
+            batch.append(request)
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return batch
+
+    def _admit(self, block: bool, room: int) -> "_Batch | None":
+        """Prefill waiting requests as a new batch (None when there are none, or their prefill failed)."""
+        from .preprocess import pad_batch
+
+        requests = self._take(block, room) if room > 0 else []
+        if not requests:
+            return None
+        self.metrics.batch_size.observe(len(requests))
+        try:
+            inputs = pad_batch([r.encoded for r in requests], self.preprocessor.pad_token_id)
+            step = self.model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), inputs.get("pixel_attention_mask"))
+        except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
+            log.exception("serve: prefill failed")
+            for request in requests:
+                request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
+            return None
+        return _Batch(step, [_Row(r, np.random.default_rng(r.seed)) for r in requests])
+
+    def _advance(self, batch: "_Batch") -> "_Batch | None":
+        """One token for every row (continuous batching): sample from the current logits, let finished rows
+        leave, decode one step, and let waiting requests join the running batch once they are prefilled."""
+        model, pre = self.model, self.preprocessor
+        tokens = np.full(len(batch.rows), pre.pad_token_id, dtype=np.int64)
+        for i, row in enumerate(batch.rows):
+            tokens[i] = _sample(batch.step.logits[i], row.request.temperature, row.request.top_p, row.rng)
+            row.add(int(tokens[i]), pre)
+        keep = [i for i, row in enumerate(batch.rows) if not row.finished]
+        if not keep:
+            self.metrics.decoding.set(0)
+            return self._admit(block=False, room=self.cfg.serve.max_batch_size)
+        step = batch.step if len(keep) == len(batch.rows) else model.select(batch.step, keep)
+        rows = [batch.rows[i] for i in keep]
+        step = model.decode(step, tokens[keep])
+        room = self.cfg.serve.max_batch_size - len(rows) if self.cfg.serve.continuous_batching else 0
+        newcomers = self._admit(block=False, room=room)
+        if newcomers is not None:
+            step, rows = model.merge(step, newcomers.step), rows + newcomers.rows
+            self.metrics.joins.inc(len(newcomers.rows))
+        self.metrics.decoding.set(len(rows))
+        return _Batch(step, rows)
 
     def _prefill_fits(self, batch: list[GenRequest], request: GenRequest) -> bool:
         """Whether `request` may join `batch`: a traced decoder returns fp32 logits for every prompt position,
@@ -292,31 +346,20 @@ class Engine:
         log.info("serve: loaded %s (%s) on %s in %.1f s", self.folder, self.variant, self.model.provider, time.perf_counter() - started)
         self.ready.set()
 
-    def _generate(self, batch: list[GenRequest]) -> None:
-        from .preprocess import pad_batch
-
-        model, pre = self.model, self.preprocessor
-        inputs = pad_batch([r.encoded for r in batch], pre.pad_token_id)
-        step = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), inputs.get("pixel_attention_mask"))
-        rows = [_Row(r, np.random.default_rng(r.seed)) for r in batch]
-        while True:
-            tokens = np.full(len(rows), pre.pad_token_id, dtype=np.int64)
-            for i, row in enumerate(rows):
-                if row.finished:
-                    continue
-                token = _sample(step.logits[i], row.request.temperature, row.request.top_p, row.rng)
-                tokens[i] = token
-                row.add(token, pre)
-            if all(row.finished for row in rows):
-                break
-            step = model.decode(step, tokens)
-
     def health(self) -> dict:
         if self.error:
             return {"status": "error", "error": self.error}
         if not self.ready.is_set():
             return {"status": "loading"}
         return {"status": "ok", "provider": self.model.provider, "variant": self.variant, "model": str(self.folder)}
+
+
+@dataclass
+class _Batch:
+    """The rows being generated together and the decoder state whose logits are their next tokens."""
+
+    step: object  # runtime.Step
+    rows: list["_Row"]
 
 
 class _Row:
@@ -408,7 +451,9 @@ class Metrics:
         self.ttft = Histogram("smolbox_time_to_first_token_seconds", "Time from request to first token", buckets=buckets, registry=self.registry)
         self.tokens = Counter("smolbox_generated_tokens_total", "Completion tokens generated", registry=self.registry)
         self.queue_depth = Gauge("smolbox_queue_depth", "Requests waiting for the engine", registry=self.registry)
-        self.batch_size = Histogram("smolbox_batch_size", "Requests per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.batch_size = Histogram("smolbox_batch_size", "Requests per prefill batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.joins = Counter("smolbox_batch_joins_total", "Prefilled requests that joined a batch already decoding", registry=self.registry)
+        self.decoding = Gauge("smolbox_decoding_rows", "Requests in the decoding batch", registry=self.registry)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------------------

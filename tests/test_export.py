@@ -260,3 +260,44 @@ def test_sigkill_mid_export_leaves_no_complete_looking_folder(root):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (root / "exports" / "killed" / "manifest.json").is_file()
     assert not list((root / "exports").glob(".killed.partial-*")), "a new export clears the stale partial folder"
+
+
+@pytest.mark.parametrize("decoder", ["fused", "traced"])
+def test_rows_join_and_leave_a_running_batch(request, merged, decoder):
+    """Continuous batching (smolbox.runtime select/merge): a request prefilled while another is decoding joins its
+    batch, finished rows leave; every row's greedy tokens equal those of the request generated alone."""
+    exported = request.getfixturevalue("exported" if decoder == "fused" else "exported_traced")
+    _, processor = merged
+    runtime = OnnxVLM(exported.folder, "fp32", providers=["CPUExecutionProvider"])
+    single = {k: v.numpy() for k, v in _parity_inputs(processor, 1)[0].items()}
+    pair = {k: v.numpy() for k, v in _left_padded_batch(processor).items()}
+    alone = [runtime.generate(single["input_ids"], single["attention_mask"], single["pixel_values"], single["pixel_attention_mask"], 12)[0]]
+    both = runtime.generate(pair["input_ids"], pair["attention_mask"], pair["pixel_values"], pair["pixel_attention_mask"], 12)
+    alone += [both[0], both[1]]
+
+    produced = [[], [], []]
+    step = runtime.prefill(single["input_ids"], single["attention_mask"], single["pixel_values"], single["pixel_attention_mask"])
+    owners = [0]  # which request each batch row belongs to
+    for t in range(14):
+        tokens = step.logits.argmax(-1).astype(np.int64)
+        for row, owner in enumerate(owners):
+            produced[owner].append(int(tokens[row]))
+        if t == 3:  # the pair arrives: prefilled on its own (different length), then joins
+            joined = runtime.prefill(pair["input_ids"], pair["attention_mask"], pair["pixel_values"], pair["pixel_attention_mask"])
+            step = runtime.decode(step, tokens)
+            for row, owner in enumerate([1, 2]):
+                produced[owner].append(int(joined.logits[row].argmax()))
+            step = runtime.merge(step, runtime.decode(joined, joined.logits.argmax(-1).astype(np.int64)))
+            owners += [1, 2]
+            continue
+        if t == 7:  # request 0 leaves; its (longer) prompt's columns go with it
+            keep = [1, 2]
+            padding_only = int(np.argmax(step.attention_mask[keep].any(0)))  # leading columns no kept row uses
+            length = step.attention_mask.shape[1]
+            step, tokens, owners = runtime.select(step, keep), tokens[keep], [owners[i] for i in keep]
+            assert step.attention_mask.shape[1] == length - padding_only and step.attention_mask.any(0)[0]
+        step = runtime.decode(step, tokens)
+    for owner, expected in enumerate(alone):
+        n = min(len(produced[owner]), len(expected))
+        np.testing.assert_array_equal(produced[owner][:n], expected[:n], err_msg=f"request {owner}")
+        assert n >= 8

@@ -187,6 +187,35 @@ def test_sixteen_parallel_requests_are_batched_and_correct(server):
     assert requests / batches > 1, "concurrent requests were served one by one"
 
 
+def test_requests_join_and_leave_a_running_batch(server):
+    """Continuous batching: requests of different lengths arriving while others decode get the answers they get
+    alone, and joined the running batch (fewer prefill batches than requests) rather than waiting for it."""
+    bodies = [chat(f"Describe picture {i}.", png((40 * i, 90, 200 - 30 * i), (30 + 8 * i, 36)), max_tokens=200 if i == 0 else 10 * i)
+              for i in range(5)]
+    alone = [json.loads(post(server.url, b)[1]) for b in bodies]
+    assert alone[0]["usage"]["completion_tokens"] >= 100, "the first answer is too short for the others to overlap it"
+    alone = [a["choices"][0] for a in alone]
+
+    def metric(name):
+        lines = get(server.url + "/metrics")[1].splitlines()
+        return float(next(line.split()[-1] for line in lines if line.startswith(name)))
+
+    joins_before = metric("smolbox_batch_joins_total")
+
+    def staggered(i):
+        time.sleep(0.01 * i)  # the first request is still decoding when the others arrive
+        return post(server.url, bodies[i])
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(staggered, range(5)))
+    assert all(status == 200 for status, _ in together), together
+    for i, (_, body) in enumerate(together):
+        choice = json.loads(body)["choices"][0]
+        assert choice["message"]["content"] == alone[i]["message"]["content"], i
+        assert choice["finish_reason"] == alone[i]["finish_reason"]
+    assert metric("smolbox_batch_joins_total") - joins_before >= 1, "no request joined a running batch"
+
+
 def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(server):
     body = chat("Say something.", png((10, 200, 10)), temperature=1.0, top_p=0.9, seed=42, max_tokens=10)
     first, second = (json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"] for _ in range(2))
