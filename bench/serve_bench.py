@@ -58,6 +58,7 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
     model = OnnxVLM(folder, variant, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     load_s = time.perf_counter() - started
     pre = Preprocessor(folder)
+    pre.pixel_dtype = model.pixel_dtype  # as smolbox.serve does
     text = pre.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}])
     enc = pre.encode(text, [image()])
     args = (enc.input_ids, enc.attention_mask, enc.pixel_values, enc.pixel_attention_mask)

@@ -52,7 +52,7 @@ IMAGE_DEFAULTS = {
 class Encoded:
     input_ids: np.ndarray  # int64 [1, T]
     attention_mask: np.ndarray  # int64 [1, T]
-    pixel_values: np.ndarray | None  # float32 [1, N, 3, H, W]; None when the prompt has no image
+    pixel_values: np.ndarray | None  # [1, N, 3, H, W] in Preprocessor.pixel_dtype; None when the prompt has no image
     pixel_attention_mask: np.ndarray | None  # bool [1, N, H, W]
 
 
@@ -73,6 +73,9 @@ class Preprocessor:
         self._template = _compile_template(_chat_template(folder, tokenizer_config))
 
         self.image_seq_len = int(_read_json(folder / "processor_config.json")["image_seq_len"])
+        # What the vision graph takes (smolbox.serve sets float16 for fp16 graphs); the library returns float32.
+        self.pixel_dtype = np.float32
+        self._tables: dict[tuple, np.ndarray] = {}
         self.image_token_id = model_config.get("image_token_id", self.tokenizer.token_to_id(IMAGE_TOKEN))
         # Generation stops on generation_config's eos ids, as in smolbox.runtime.
         text_config = model_config.get("text_config", {})
@@ -137,7 +140,7 @@ class Preprocessor:
     # ---- images -------------------------------------------------------------------------------------------
 
     def image_tiles(self, image: Image.Image) -> tuple[list[np.ndarray], int, int]:
-        """float32 CHW tiles (row-major, global image last; just the image if it fits one tile), rows, cols."""
+        """CHW tiles in pixel_dtype (row-major, global image last; just the image if it fits one tile), rows, cols."""
         cfg = self.image_config
         resample = cfg["resample"]
         tile = cfg["max_image_size"]["longest_edge"]
@@ -161,6 +164,22 @@ class Preprocessor:
         return [self._normalize(_chw(frame)) for frame in frames], rows, cols
 
     def _normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """Rescaled and normalized CHW pixels in `pixel_dtype`. uint8 pixels (the usual case) are looked up in a
+        table of the 256 results per channel: the same arithmetic, bit for bit, a fraction of the time, and it
+        writes fp16 directly for fp16 graphs instead of a later cast of the whole array (~20-40 ms for 13 tiles)."""
+        if pixels.dtype != np.uint8:
+            return self._normalize_values(pixels).astype(self.pixel_dtype, copy=False)
+        key = (pixels.shape[0], np.dtype(self.pixel_dtype).name)
+        if key not in self._tables:
+            levels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (pixels.shape[0], 256, 1))
+            self._tables[key] = self._normalize_values(levels)[:, :, 0].astype(self.pixel_dtype)
+        table = self._tables[key]
+        out = np.empty((table.shape[0], *pixels.shape[1:]), dtype=table.dtype)
+        for channel in range(table.shape[0]):  # a grayscale image broadcasts to every channel, as in the library
+            np.take(table[channel], pixels[min(channel, pixels.shape[0] - 1)], out=out[channel])
+        return out
+
+    def _normalize_values(self, pixels: np.ndarray) -> np.ndarray:
         cfg = self.image_config
         if cfg["do_rescale"]:  # the library multiplies in float64, then rounds to float32
             pixels = (pixels.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
@@ -200,7 +219,7 @@ def _pad_images(images: list[list[np.ndarray]], masks: list[list[np.ndarray]] | 
     height = max(image.shape[1] for image in all_images)
     width = max(image.shape[2] for image in all_images)
     count = max(len(row) for row in images)
-    pixel_values = np.zeros((len(images), count, channels, height, width), dtype=np.float32)
+    pixel_values = np.zeros((len(images), count, channels, height, width), dtype=all_images[0].dtype)
     pixel_mask = np.zeros((len(images), count, height, width), dtype=bool)
     for b, row in enumerate(images):
         for n, image in enumerate(row):

@@ -84,6 +84,7 @@ class OnnxVLM:
         self.logits_all_positions = decoder.get_outputs()[0].shape[1] != 1
         self.input_types = {g: {i.name: _ORT_TO_NUMPY[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
         self._cache_sessions: dict = {}
+        self.pixel_dtype = self.input_types["vision_encoder"]["pixel_values"]  # float16 for fp16 graphs
         # Which provider the decoder really got (onnxruntime falls back to CPU when CUDA cannot load).
         self.provider = decoder.get_providers()[0]
         self.on_cuda = self.provider == "CUDAExecutionProvider"

@@ -94,6 +94,22 @@ def test_image_matches_the_hf_processor(pair, size):
         assert_same(pre.encode(text, [image]), hf(text=[text], images=[[image]], return_tensors="np"))
 
 
+def test_fp16_pixels_equal_the_float32_ones_cast(pair):
+    """For fp16 graphs the preprocessor writes fp16 directly (smolbox.serve sets pixel_dtype from the graph)."""
+    pre, _ = pair
+    text = pre.render_chat([user(None, "What is it?")])
+    for mode in MODES:
+        image = make_image(70, 45, mode)
+        pre.pixel_dtype = np.float32
+        full = pre.encode(text, [image])
+        pre.pixel_dtype = np.float16
+        half = pre.encode(text, [image])
+        assert half.pixel_values.dtype == np.float16, mode
+        np.testing.assert_array_equal(half.pixel_values, full.pixel_values.astype(np.float16), err_msg=mode)
+        np.testing.assert_array_equal(half.pixel_attention_mask, full.pixel_attention_mask)
+    pre.pixel_dtype = np.float32
+
+
 def test_small_images_are_upscaled(pair):
     """As in the processor, an image below the longest edge is resized up to it, then split into tiles."""
     pre, hf = pair
