@@ -1,9 +1,9 @@
 """Export at full size: time, peak memory and file sizes of each smolbox.export step on the real-shape model, and
 the parity numbers, step by step so a short GPU lease can spread it over several calls.
 
-    python -m bench.export_bench --model /tmp/rs/model --out /tmp/exp --phase all [--variants fp32 fp16 q8 q4 int8]
-    python -m bench.export_bench ... --phase graphs     # merge + save + fp32/fp16 graphs
-    python -m bench.export_bench ... --phase variants   # q8 / q4 / int8 from the fp32 graphs
+    python -m bench.export_bench --model /tmp/rs/model --out /tmp/exp --phase all [--variants fp32 fp16 q8 q4 q4f16 int8]
+    python -m bench.export_bench ... --phase graphs     # merge + save + fp32/fp16 graphs (fused decoder and vision)
+    python -m bench.export_bench ... --phase variants   # q8 / q4 / int8 from the fp32 graphs, q4f16 from the fp16 ones
     python -m bench.export_bench ... --phase parity     # parity.json + manifest.json, folder renamed to <out>/real
 
 Runs the functions smolbox.export.export() runs, in its order, with export.source=base (random weights: there is
@@ -95,11 +95,18 @@ def graphs(args, work: Path, results: dict) -> None:
         ex.save_processor_files(processor, work)
     with measured(results, "to fp32 on CPU"):
         cpu_model = model.float().cpu().eval() if device == "cuda" else model
+    fused = {f"fused_{part}": kind == "fused" for part, kind in _kinds(cpu_model, cfg).items()}
     with measured(results, "onnx fp32"):
-        ex.export_onnx(cpu_model, processor, work / "onnx")
-    if "fp16" in cfg.export.variants:
+        ex.export_onnx(cpu_model, processor, work / "onnx", **fused)
+    if {"fp16", "q4f16"} & set(cfg.export.variants):
         with measured(results, "onnx fp16"):
-            ex.export_onnx(cpu_model, processor, work / "onnx", "fp16")
+            ex.export_onnx(cpu_model, processor, work / "onnx", "fp16", **fused)
+
+
+def _kinds(model, cfg) -> dict:
+    from smolbox import export as ex
+
+    return {part: ex.graph_kind(model, part, getattr(cfg.export, part)) for part in ex.FUSABLE}
 
 
 def variants(args, work: Path, results: dict) -> None:
@@ -127,7 +134,8 @@ def parity(args, work: Path, results: dict) -> dict:
         processor = AutoProcessor.from_pretrained(work)
         report = ex.check_parity(model, processor, work, cfg, device)
     write_json_atomic(work / "parity.json", report)
-    write_json_atomic(work / "manifest.json", ex._manifest(cfg, ex.resolve_source(cfg), work, report, {k: v["seconds"] for k, v in results.items()}, device))
+    write_json_atomic(work / "manifest.json", ex._manifest(cfg, ex.resolve_source(cfg), work, report,
+                                                          {k: v["seconds"] for k, v in results.items()}, device, _kinds(model, cfg)))
     return report
 
 
@@ -151,7 +159,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--source", default="base")
     parser.add_argument("--phase", choices=["all", "graphs", "variants", "parity"], default="all")
-    parser.add_argument("--variants", nargs="+", default=["fp32", "fp16", "q8", "q4", "int8"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "fp16", "q8", "q4", "q4f16", "int8"])
     parser.add_argument("--parity-prompts", type=int, default=2)
     parser.add_argument("--parity-new-tokens", type=int, default=16)
     args = parser.parse_args()
