@@ -319,7 +319,13 @@ class Engine:
         room = self.cfg.serve.max_batch_size - len(rows) if self.cfg.serve.continuous_batching else 0
         newcomers = self._admit(block=False, room=room)
         if newcomers is not None:
-            step, rows = model.merge(step, newcomers.step), rows + newcomers.rows
+            try:
+                step = model.merge(step, newcomers.step)
+            except Exception as exc:
+                for row in newcomers.rows:  # not in the running batch yet: the caller's error handling misses them
+                    row.request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
+                raise
+            rows = rows + newcomers.rows
             self.metrics.joins.inc(len(newcomers.rows))
         self.metrics.decoding.set(len(rows))
         return _Batch(step, rows)
