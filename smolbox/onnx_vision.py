@@ -2,8 +2,8 @@
 
 torch.onnx traces each SigLIP layer into dozens of small nodes (LayerNorm pieces, per-head reshapes and
 transposes, the attention maths, mask broadcasting, gelu as tanh arithmetic). On a GPU with onnxruntime's CUDA
-provider the 13 tiles of one 512x384 image then take ~137 ms in fp16, where the matrix work needs ~15 ms. This
-module writes the same function with onnxruntime's fused operators, 9 nodes per layer:
+provider the 13 tiles of one 512x384 image then take 108 ms in fp16 on an H100, where the matrix work needs ~15 ms.
+This module writes the same function with onnxruntime's fused operators, 9 nodes per layer (32 ms there):
 
     SkipLayerNormalization (residual add + LayerNorm)  ->  MatMul q|k|v  ->  Split  ->
     MultiHeadAttention (q|k|v biases, additive mask)  ->  MatMul out_proj  ->
