@@ -14,6 +14,8 @@ Variants:
   <name>            smolbox.train with configs/<name>.yaml (or a variant below), model/data pointed at --root
   <name>:unpacked   the same with smolbox.dpo's pair packing switched off (one row per completion, as TRL does)
   <name>:peft-dora  the same with peft's DoRA forward instead of smolbox.dora's fused one
+  <name>:precompute the same with train.precompute_ref_logps (steps without the reference forward; the one-off
+                    pass over the data is reported as ref_logps_precompute_s, outside pairs/s)
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> 
         dpo.PACKABLE_ATTENTION = set()  # every batch takes the unpacked path
     config_name, overrides, accumulation = VARIANTS[base]
     overrides = {
-        **overrides, "adapter.fused_dora": "peft-dora" not in modifiers, "model.id": str(root / "model"), "data.id": str(root / "data"), "data.train_split": "train",
+        **overrides, "adapter.fused_dora": "peft-dora" not in modifiers, "train.precompute_ref_logps": "precompute" in modifiers, "model.id": str(root / "model"), "data.id": str(root / "data"), "data.train_split": "train",
         "data.eval_split": None, "data.num_proc": 1, "train.max_steps": steps, "train.logging_steps": 1,
         "train.save_steps": 100000, "train.gradient_accumulation_steps": accumulation,
         "run.output_dir": str(workdir), "run.name": name.replace(":", "-"), "run.min_free_disk_gb": 0,
@@ -178,7 +180,8 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> 
         "variant": name, "micro_batch": t.per_device_train_batch_size, "accumulation": t.gradient_accumulation_steps,
         "real_accumulation": real.gradient_accumulation_steps, "gradient_checkpointing": t.gradient_checkpointing,
         "attention": result.manifest["attention"]["implementation"], "packed": packed,
-        "dropout": cfg.adapter.dropout, "fused_dora": cfg.adapter.fused_dora, "workers": t.dataloader_num_workers, "path": f"smolbox.train, configs/{config_name}.yaml",
+        "dropout": cfg.adapter.dropout, "fused_dora": cfg.adapter.fused_dora,
+        "ref_logps_precompute_s": result.manifest.get("ref_logps_precompute_s"), "workers": t.dataloader_num_workers, "path": f"smolbox.train, configs/{config_name}.yaml",
     })
 
 

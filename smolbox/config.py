@@ -89,6 +89,7 @@ class TrainConfig(_Section):
     save_steps: int = Field(500, gt=0, description="Optimizer steps between checkpoints")
     save_total_limit: int | None = Field(3, description="Keep the last K checkpoints; None keeps all")
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the training process)")
+    precompute_ref_logps: bool = Field(False, description="Reference log-probs in one pass before training instead of in every step (the reference is fixed: same loss)")
     seed: int = Field(42, description="Seed for weights init, data order and sampling")
 
 

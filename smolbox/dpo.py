@@ -162,8 +162,12 @@ def sigmoid_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> 
 
 
 def dpo_step(model, batch: dict, beta: float) -> DPOOutput:
-    reference = reference_logps(model, batch)
+    if "ref_chosen_logps" in batch:  # precomputed (SmolboxDPOTrainer.precompute_reference_logps)
+        reference = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    else:
+        reference = reference_logps(model, batch)
     policy = completion_logps(model, batch)
+    reference = reference.to(policy.device, policy.dtype)
     loss, chosen_rewards, rejected_rewards = sigmoid_loss(policy, reference, beta)
     chosen, rejected = policy.detach().chunk(2)
     return DPOOutput(loss, chosen, rejected, chosen_rewards, rejected_rewards)

@@ -89,6 +89,10 @@ def _run(cfg: Config, run_dir: Path, resume_from: str | None, manifest: dict) ->
         _truncate_metrics(metrics_path, _checkpoint_step(Path(resume_from)))
         log.info("resuming from %s", resume_from)
     trainer.add_callback(RunCallback(metrics_path, _pairs_per_step(cfg), device))
+    if cfg.train.precompute_ref_logps:
+        seconds = trainer.precompute_reference_logps()
+        manifest["ref_logps_precompute_s"] = round(seconds, 1)
+        log.info("train: reference log-probs of %d pairs precomputed in %.1f s", len(trainer.train_dataset), seconds)
 
     output = trainer.train(resume_from_checkpoint=resume_from)
 

@@ -3,9 +3,14 @@ checkpoints, logging) stays TRL's and transformers'."""
 
 from __future__ import annotations
 
+import time
+
+import torch
 from trl import DPOTrainer
 
 from . import dpo
+
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 class SmolboxDPOTrainer(DPOTrainer):
@@ -22,6 +27,39 @@ class SmolboxDPOTrainer(DPOTrainer):
         metrics["logps/rejected"].append(gather(out.rejected_logps).mean().item())
         return (out.loss, None) if return_outputs else out.loss
 
+    def precompute_reference_logps(self) -> float:
+        """One no-grad pass over the training set with the adapters off: every pair's reference log-probs become
+        dataset columns, so training steps skip the reference forward (a quarter of a step's compute) in every
+        epoch. The reference policy is fixed, so the loss is the same function. Returns the seconds it took.
+        (TRL's own precompute_ref_log_probs refuses vision data sets.)"""
+        started = time.perf_counter()
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        chosen, rejected = [], []
+        with self.accelerator.autocast():
+            for batch in loader:
+                batch = self._prepare_inputs(batch)
+                logps = dpo.reference_logps(model, batch).float().cpu()
+                c, r = logps.chunk(2)
+                chosen.append(c)
+                rejected.append(r)
+        model.train(was_training)
+        dataset = self.train_dataset
+        for key, values in zip(REF_KEYS, (torch.cat(chosen), torch.cat(rejected))):
+            dataset = dataset.add_column(key, values.tolist())
+        self.train_dataset = dataset
+        self.data_collator = _WithReferenceLogps(self.data_collator)
+        return time.perf_counter() - started
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # TRL keeps these columns for tokenized data sets only; without this the precomputed values are dropped.
+        self._signature_columns = [*self._signature_columns, *(k for k in REF_KEYS if k not in self._signature_columns)]
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # TRL keeps QLoRA's A/B matrices in bf16, but peft's load_adapter upcasts them to fp32 on resume, so a
         # resumed run would train in another precision than an uninterrupted one. Restore the original dtypes.
@@ -30,3 +68,14 @@ class SmolboxDPOTrainer(DPOTrainer):
         for name, p in self.model.named_parameters():
             if name in dtypes and p.dtype != dtypes[name]:
                 p.data = p.data.to(dtypes[name])
+
+
+class _WithReferenceLogps:
+    """The vision collator ignores extra columns: take the precomputed reference log-probs out, put them back in."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        refs = {key: torch.tensor([example.pop(key) for example in examples]) for key in REF_KEYS if key in examples[0]}
+        return {**self.collator(examples), **refs}
