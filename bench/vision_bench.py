@@ -38,7 +38,7 @@ def main() -> None:
 
     from bench.serve_bench import QUESTION, image
     from smolbox import onnx_vision
-    from smolbox.export import VisionEncoder, _export, _weight_only, save_onnx
+    from smolbox.export import _weight_only, export_traced_vision, save_onnx
     from smolbox.serve import _preload_cuda_libraries
 
     _preload_cuda_libraries()
@@ -57,9 +57,7 @@ def main() -> None:
             mask = torch.from_numpy(inputs["pixel_attention_mask"]).bool()
             started = time.perf_counter()
             graphs["traced"] = Path(tmp) / f"traced_{dtype_name}.onnx"
-            _export(VisionEncoder(half), (pixels, mask), graphs["traced"], ["pixel_values", "pixel_attention_mask"], ["image_features"],
-                    {"pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
-                     "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"}})
+            export_traced_vision(half, pixels, mask, graphs["traced"])
             build_s = {"traced": time.perf_counter() - started}
             started = time.perf_counter()
             graphs["fused"] = Path(tmp) / f"fused_{dtype_name}.onnx"

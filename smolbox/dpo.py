@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed reference log-probs, when a batch has them
+NON_MODEL_KEYS = {"completion_mask", *REF_KEYS}
 
 
 @dataclass
@@ -162,8 +163,8 @@ def sigmoid_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> 
 
 
 def dpo_step(model, batch: dict, beta: float) -> DPOOutput:
-    if "ref_chosen_logps" in batch:  # precomputed (SmolboxDPOTrainer.precompute_reference_logps)
-        reference = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    if REF_KEYS[0] in batch:  # precomputed (SmolboxDPOTrainer.precompute_reference_logps)
+        reference = torch.cat([batch[key] for key in REF_KEYS])
     else:
         reference = reference_logps(model, batch)
     policy = completion_logps(model, batch)

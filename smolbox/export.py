@@ -306,12 +306,7 @@ def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32", fused_d
     if fused_vision:
         save_onnx(onnx_vision.build_vision_encoder(model, float_type), path("vision_encoder"))
     else:
-        pixel_values = inputs["pixel_values"].to(dtype)
-        pixel_mask = inputs["pixel_attention_mask"].bool()
-        _export(VisionEncoder(model), (pixel_values, pixel_mask), path("vision_encoder"),
-                ["pixel_values", "pixel_attention_mask"], ["image_features"],
-                {"pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
-                 "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"}})
+        export_traced_vision(model, inputs["pixel_values"].to(dtype), inputs["pixel_attention_mask"].bool(), path("vision_encoder"))
 
     input_ids = inputs["input_ids"]
     _export(TokenEmbeddings(model), (input_ids,), path("embed_tokens"), ["input_ids"], ["inputs_embeds"],
@@ -336,6 +331,13 @@ def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32", fused_d
              "position_ids": {0: bsz, 1: seq},
              "past": tuple({0: bsz, 2: Dim("past_sequence_length", min=0)} for _ in names)},
             rename_outputs={f"present.{n}": {2: "total_sequence_length"} for n in names})
+
+
+def export_traced_vision(model, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, path: Path) -> None:
+    """The vision encoder traced by torch.onnx (export.vision=traced), with dynamic batch, image count and size."""
+    _export(VisionEncoder(model), (pixel_values, pixel_mask), path, ["pixel_values", "pixel_attention_mask"], ["image_features"],
+            {"pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
+             "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"}})
 
 
 @contextlib.contextmanager

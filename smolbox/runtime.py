@@ -135,12 +135,9 @@ class OnnxVLM:
         types = self.input_types["decoder_model_merged"]
         binding = session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
-        for name, value in past.items():
-            if isinstance(value, np.ndarray):  # the empty first-step cache
-                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
-            else:
-                binding.bind_ortvalue_input(name, value)
+            _bind_input(binding, name, np.ascontiguousarray(value, dtype=types[name]))
+        for name, value in past.items():  # host arrays only for the empty first-step cache
+            _bind_input(binding, name, np.ascontiguousarray(value, dtype=types[name]) if isinstance(value, np.ndarray) else value)
         binding.bind_output("logits", "cpu")
         for name in self.output_names[1:]:
             binding.bind_output(name, "cuda")
@@ -177,7 +174,7 @@ class OnnxVLM:
         if session is None:
             import onnxruntime as ort
 
-            dtype = next(iter(self.input_types["decoder_model_merged"][i.name] for i in self.past_inputs))
+            dtype = self.input_types["decoder_model_merged"][self.past_inputs[0].name]
             session = self._cache_sessions[op] = ort.InferenceSession(
                 _cache_graph(op, dtype).SerializeToString(), providers=self.sessions["decoder_model_merged"].get_providers())
         out = {}
@@ -187,10 +184,7 @@ class OnnxVLM:
                 continue
             binding = session.io_binding()
             for key, value in {**inputs, **feeds}.items():
-                if isinstance(value, np.ndarray):
-                    binding.bind_cpu_input(key, value)
-                else:
-                    binding.bind_ortvalue_input(key, value)
+                _bind_input(binding, key, value)
             binding.bind_output("y", "cuda")
             session.run_with_iobinding(binding)
             out[name] = binding.get_outputs()[0]
@@ -218,6 +212,14 @@ class OnnxVLM:
                 break
             step = self.decode(step, tokens)
         return np.stack(generated, axis=1)
+
+
+def _bind_input(binding, name: str, value) -> None:
+    """A host array is copied to the device by onnxruntime; an OrtValue already there is used in place."""
+    if isinstance(value, np.ndarray):
+        binding.bind_cpu_input(name, value)
+    else:
+        binding.bind_ortvalue_input(name, value)
 
 
 def _cache_graph(op: str, dtype):

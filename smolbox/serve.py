@@ -253,9 +253,7 @@ class Engine:
                 active = self._advance(active)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
                 log.exception("serve: generation failed")
-                for row in active.rows:
-                    if not row.finished:
-                        row.request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
+                _fail([row.request for row in active.rows if not row.finished], exc)
                 active = None
 
     def _take(self, block: bool, room: int) -> list[GenRequest]:
@@ -296,8 +294,7 @@ class Engine:
             step = self.model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), inputs.get("pixel_attention_mask"))
         except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
             log.exception("serve: prefill failed")
-            for request in requests:
-                request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
+            _fail(requests, exc)
             return None
         return _Batch(step, [_Row(r, np.random.default_rng(r.seed)) for r in requests])
 
@@ -322,8 +319,7 @@ class Engine:
             try:
                 step = model.merge(step, newcomers.step)
             except Exception as exc:
-                for row in newcomers.rows:  # not in the running batch yet: the caller's error handling misses them
-                    row.request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
+                _fail([row.request for row in newcomers.rows], exc)  # not in the running batch: the caller misses them
                 raise
             rows = rows + newcomers.rows
             self.metrics.joins.inc(len(newcomers.rows))
@@ -359,6 +355,11 @@ class Engine:
         if not self.ready.is_set():
             return {"status": "loading"}
         return {"status": "ok", "provider": self.model.provider, "variant": self.variant, "model": str(self.folder)}
+
+
+def _fail(requests: list[GenRequest], exc: Exception) -> None:
+    for request in requests:
+        request.post("error", f"generation failed: {type(exc).__name__}: {exc}")
 
 
 @dataclass

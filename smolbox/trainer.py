@@ -9,8 +9,7 @@ import torch
 from trl import DPOTrainer
 
 from . import dpo
-
-REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+from .dpo import REF_KEYS
 
 
 class SmolboxDPOTrainer(DPOTrainer):
