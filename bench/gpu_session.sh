@@ -10,6 +10,11 @@
 #   bash bench/gpu_session.sh export     the same with export.source=base (when no run exists)
 #   bash bench/gpu_session.sh serve-bench  bench/serve_bench.py on that export: ORT variants, HTTP at 8 and 32 clients
 #   bash bench/gpu_session.sh batching     base export (q4f16), HTTP static vs continuous batching
+#   bash bench/gpu_session.sh train3       recipe, default.yaml and default.yaml with precomputed reference log-probs
+#   bash bench/gpu_session.sh export-bench bench/export_bench.py at full size: merge, fp32/fp16 graphs, q4, q4f16, int8
+#   bash bench/gpu_session.sh probe        its parity; ORT q4f16 with and without the fpA_intB kernels (session
+#                                          config, and weights prepacked in the file), GPU kernel profiles
+#   bash bench/gpu_session.sh http FOLDER CONFIG   HTTP at 8 and 32 clients, 256 tokens, serve.ort_session_config=CONFIG
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_env.sh
@@ -77,6 +82,30 @@ case "${1:?stage}" in
       --export.variants "[fp32, q4f16]" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 8 32 --seconds 15 \
       --max-tokens 256 --batching static continuous --json "$OUT/serve_batching.json" 2>&1 | grep -E "^HTTP|Error"
+    ;;
+  train3)
+    python -m bench.train_bench --root /tmp/rs --steps 8 --variants recipe --json "$OUT/train_recipe.json" 2>&1 | tail -4
+    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default default:precompute --json "$OUT/train_default.json" 2>&1 | tail -5
+    ;;
+  export-bench)
+    EB=(--model /tmp/rs/model --out /tmp/exp --variants fp32 fp16 q4 q4f16 int8)
+    python -m bench.export_bench "${EB[@]}" --phase graphs 2>&1 | grep -E "export_bench:|Error|error" | tail -12
+    python -m bench.export_bench "${EB[@]}" --phase variants 2>&1 | grep -E "export_bench:|Error|error|sizes" | tail -12
+    cp /tmp/exp/bench.json "$OUT/export_bench.json"
+    ;;
+  probe)
+    EB=(--model /tmp/rs/model --out /tmp/exp --variants fp32 fp16 q4 q4f16 int8)
+    python -m bench.export_bench "${EB[@]}" --phase parity 2>&1 | grep -vE "Warn|warn" | tail -16
+    cp /tmp/exp/bench.json "$OUT/export_bench.json"
+    python -m bench.prepack_probe --export /tmp/exp/real.work --out /tmp/exp/prepacked 2>&1 | grep -v Warn | tail -3
+    python -m bench.serve_bench --export /tmp/exp/real.work --ort-variants q4f16 --hf --clients --batch 32 --profile-kernels \
+      --session-configs default ep.cuda.fpa_intb_gemm=1 --json "$OUT/serve_probe.json" 2>&1 | grep -vE "Warn|warn" | tail -70
+    python -m bench.serve_bench --export /tmp/exp/prepacked --ort-variants q4f16 --hf --clients --batch 32 --profile-kernels \
+      --json "$OUT/serve_prepacked.json" 2>&1 | grep -vE "Warn|warn" | tail -36
+    ;;
+  http)
+    python -m bench.serve_bench --export "${2:?folder}" --ort-variants --hf --http-variant q4f16 --clients 8 32 --seconds 15 \
+      --max-tokens 256 --http-session-config "${3:-default}" --json "$OUT/serve_http.json" 2>&1 | grep -E "^HTTP|Error"
     ;;
   serve-bench)
     folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)

@@ -46,7 +46,13 @@ def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return round(statistics.median(times) * 1000, 2)
 
 
-def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch: int) -> dict:
+def session_config(text: str) -> dict[str, str]:
+    """'default' -> {}; 'key=value,key2=value2' -> onnxruntime session config entries (e.g. ep.cuda.fpa_intb_gemm=1)."""
+    return {} if text == "default" else dict(item.split("=", 1) for item in text.split(","))
+
+
+def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch: int, config: str = "default",
+               profile: bool = False) -> dict:
     import numpy as np
 
     from smolbox.preprocess import Preprocessor, pad_batch
@@ -55,7 +61,8 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
 
     _preload_cuda_libraries()
     started = time.perf_counter()
-    model = OnnxVLM(folder, variant, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    model = OnnxVLM(folder, variant, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                    session_config=session_config(config))
     load_s = time.perf_counter() - started
     pre = Preprocessor(folder)
     pre.pixel_dtype = model.pixel_dtype  # as smolbox.serve does
@@ -70,6 +77,8 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
     ttft = _median_ms(first_token, repeats)
     vision = _median_ms(lambda: model._run("vision_encoder", {"pixel_values": enc.pixel_values,
                                                               "pixel_attention_mask": enc.pixel_attention_mask.astype(bool)}), repeats)
+    embeds = model.embed(enc.input_ids, enc.pixel_values, enc.pixel_attention_mask)
+    prefill = _median_ms(lambda: model.forward(embeds, enc.attention_mask.astype(np.int64), model.empty_past(1)), repeats)
 
     def decode_rate(rows: int) -> float:
         inputs = pad_batch([enc] * rows, pre.pad_token_id)
@@ -83,11 +92,66 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
             tokens = step.logits.argmax(-1).astype(np.int64)
         return round(rows * new_tokens / (time.perf_counter() - started), 1)
 
-    out = {"engine": f"ORT {variant}", "provider": model.provider, "prompt_tokens": int(enc.input_ids.shape[1]),
-           "load_s": round(load_s, 1), "ttft_ms": ttft, "vision_ms": vision, "decode_tok_s_b1": decode_rate(1)}
+    label = f"ORT {variant}" + ("" if config == "default" else f" [{config}]")
+    out = {"engine": label, "session_config": session_config(config), "provider": model.provider,
+           "prompt_tokens": int(enc.input_ids.shape[1]), "load_s": round(load_s, 1), "ttft_ms": ttft, "vision_ms": vision,
+           "decoder_prefill_ms": prefill, "decode_tok_s_b1": decode_rate(1)}
     if batch > 1:
         out[f"decode_tok_s_b{batch}"] = decode_rate(batch)
+    if profile:
+        out["kernels"] = kernel_profile(model, args, label)
     return out
+
+
+def kernel_profile(model, args: tuple, label: str, decode_steps: int = 16, top: int = 12) -> dict:
+    """GPU kernels under one prefill (vision encoder included) and under `decode_steps` batch-1 decode steps,
+    recorded by torch.profiler (CUPTI sees every kernel of the process, onnxruntime's too): wall time against
+    time the GPU spent in kernels and copies says whether a phase is launch-bound, the top kernels say where
+    the GPU time goes."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device for the profiler"}
+    step = model.prefill(*args)
+    tokens = step.logits.argmax(-1).astype(np.int64)
+    for _ in range(3):
+        step = model.decode(step, tokens)
+    phases = {}
+    for phase in ("prefill", "decode"):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            started = time.perf_counter()
+            if phase == "prefill":
+                model.prefill(*args)
+            else:
+                for _ in range(decode_steps):
+                    step = model.decode(step, tokens)
+            wall = time.perf_counter() - started
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            trace = json.loads(Path(f.name).read_text())
+        events = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+        per = 1 if phase == "prefill" else decode_steps
+        by_name: dict[str, list] = {}
+        for e in events:
+            entry = by_name.setdefault(e["name"][:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.get("dur", 0) / 1000
+        busy = sum(ms for _, ms in by_name.values())
+        rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+        phases[phase] = {"wall_ms_per_call": round(wall * 1000 / per, 3), "gpu_ms_per_call": round(busy / per, 3),
+                         "kernels_per_call": round(sum(n for n, _ in by_name.values()) / per, 1),
+                         "top": [{"name": name, "count_per_call": round(n / per, 1), "ms_per_call": round(ms / per, 4)}
+                                 for name, (n, ms) in rows[:top]]}
+        p = phases[phase]
+        print(f"{label} {phase}: wall {p['wall_ms_per_call']} ms/call, GPU busy {p['gpu_ms_per_call']} ms/call, "
+              f"{p['kernels_per_call']} kernels/call", flush=True)
+        for row in p["top"]:
+            print(f"    {row['ms_per_call']:>9.4f} ms {row['count_per_call']:>6} x  {row['name']}", flush=True)
+    return phases
 
 
 def profile_vision(folder: Path, variant: str, top: int = 15) -> dict:
@@ -161,7 +225,7 @@ def hf_engine(model_dir: Path, kind: str, new_tokens: int, repeats: int) -> dict
 
 
 def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tokens: int, max_batch: int,
-         continuous: bool = True) -> list[dict]:
+         continuous: bool = True, ort_config: dict[str, str] | None = None) -> list[dict]:
     from bench.serve_load import run
 
     with socket.socket() as probe:
@@ -170,7 +234,7 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
     cmd = [sys.executable, "-m", "smolbox", "serve", "--config", "default", "--env-file", "",
            "--serve.model", str(folder), "--serve.variant", variant, "--serve.host", "127.0.0.1",
            "--serve.port", str(port), "--serve.max_batch_size", str(max_batch), "--serve.max_queue", "512",
-           "--serve.continuous_batching", str(continuous).lower()]
+           "--serve.continuous_batching", str(continuous).lower(), "--serve.ort_session_config", json.dumps(ort_config or {})]
     log = open(Path(os.environ.get("OUT", "/tmp")) / f"serve_{variant}.log", "w")
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -192,7 +256,7 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
         for n in clients:
             row = run(url, n, seconds, max_tokens, (512, 384), None)
             row.update(variant=variant, provider=health.get("provider"), max_batch_size=max_batch, max_tokens=max_tokens,
-                       batching="continuous" if continuous else "static")
+                       batching="continuous" if continuous else "static", ort_session_config=ort_config or {})
             print(json.dumps(row), flush=True)
             rows.append(row)
         return rows
@@ -222,6 +286,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="also decode this many rows at once (ORT, direct)")
     parser.add_argument("--profile-vision", nargs="*", default=[], help="variants whose vision encoder to profile")
+    parser.add_argument("--session-configs", nargs="+", default=["default"],
+                        help="ORT runs once per entry: 'default' or key=value[,key=value] session config entries")
+    parser.add_argument("--profile-kernels", action="store_true", help="GPU kernel breakdown of prefill and decode (ORT)")
+    parser.add_argument("--http-session-config", default="default", help="serve.ort_session_config of the HTTP server, "
+                        "same form as --session-configs")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -238,11 +307,12 @@ def main() -> None:
             results["vision_profiles"].append({"variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             print("vision profile failed:", results["vision_profiles"][-1]["error"], flush=True)
         save()
-    jobs = [("ort", v) for v in args.ort_variants] + [("hf", k) for k in (args.hf if args.hf_model else [])]
-    for kind, name in jobs:
+    jobs = [("ort", (v, c)) for v in args.ort_variants for c in args.session_configs]
+    jobs += [("hf", (k, None)) for k in (args.hf if args.hf_model else [])]
+    for kind, (name, config) in jobs:
         try:
-            row = ort_engine(args.export, name, args.new_tokens, args.repeats, args.batch) if kind == "ort" else \
-                hf_engine(args.hf_model, name, args.new_tokens, args.repeats)
+            row = ort_engine(args.export, name, args.new_tokens, args.repeats, args.batch, config, args.profile_kernels) \
+                if kind == "ort" else hf_engine(args.hf_model, name, args.new_tokens, args.repeats)
         except Exception as exc:  # noqa: BLE001 - one engine failing must not hide the others
             row = {"engine": f"{kind} {name}", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(json.dumps(row), flush=True)
@@ -251,19 +321,20 @@ def main() -> None:
     if args.http_variant and args.clients:
         try:
             results["http"] = [row for mode in args.batching for row in http(
-                args.export, args.http_variant, args.clients, args.seconds, args.max_tokens, args.max_batch, mode == "continuous")]
+                args.export, args.http_variant, args.clients, args.seconds, args.max_tokens, args.max_batch, mode == "continuous",
+                session_config(args.http_session_config))]
         except Exception as exc:  # noqa: BLE001
             results["http"] = [{"error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
         save()
 
-    print(f"{'engine':<20} {'provider':<22} {'prompt':>6} {'TTFT ms':>8} {'vision ms':>9} {'tok/s b1':>9} {'tok/s bN':>9}")
+    print(f"{'engine':<34} {'provider':<22} {'prompt':>6} {'TTFT ms':>8} {'vision ms':>9} {'prefill ms':>10} {'tok/s b1':>9} {'tok/s bN':>9}")
     for r in results["engines"]:
         if "error" in r:
-            print(f"{r['engine']:<20} ERROR {r['error'][:100]}")
+            print(f"{r['engine']:<34} ERROR {r['error'][:100]}")
             continue
         batched = next((v for k, v in r.items() if k.startswith("decode_tok_s_b") and k != "decode_tok_s_b1"), "-")
-        print(f"{r['engine']:<20} {r['provider']:<22} {r['prompt_tokens']:>6} {r['ttft_ms']:>8} {r.get('vision_ms', '-'):>9} "
-              f"{r['decode_tok_s_b1']:>9} {batched:>9}")
+        print(f"{r['engine']:<34} {r['provider']:<22} {r['prompt_tokens']:>6} {r['ttft_ms']:>8} {r.get('vision_ms', '-'):>9} "
+              f"{r.get('decoder_prefill_ms', '-'):>10} {r['decode_tok_s_b1']:>9} {batched:>9}")
     for r in results["http"]:
         if "error" in r:
             print("HTTP ERROR", r["error"])

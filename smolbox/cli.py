@@ -18,7 +18,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-file", default=".env", help="dotenv file with SMOLBOX_* overrides (default: .env if present)")
     group = parser.add_argument_group("config overrides (YAML scalars: 1e-5, true, null, [a, b])")
     for dotted, info in cli_fields():
-        group.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", metavar="V", default=argparse.SUPPRESS, help=info.description or "")
+        # argparse formats help with %: a description such as "train[:6%]" must not break --help
+        group.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", metavar="V", default=argparse.SUPPRESS,
+                           help=(info.description or "").replace("%", "%%"))
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:

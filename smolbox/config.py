@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ENV_PREFIX = "SMOLBOX_"
@@ -146,6 +146,16 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(8, gt=0, description="Requests generated together in one batch")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to fill a batch")
     continuous_batching: bool = Field(True, description="Waiting requests join the running batch after their prefill; false = a batch runs until its last row finishes")
+    ort_session_config: dict[str, str] = Field(
+        default_factory=dict, description="Extra onnxruntime session config entries for every graph (ep.cuda.* ones are ignored on the CPU)")
+
+    @field_validator("ort_session_config", mode="before")
+    @classmethod
+    def _config_values_as_text(cls, value):
+        # onnxruntime takes strings; YAML reads `1` as an int and `true` as a bool
+        if isinstance(value, dict):
+            return {k: ("1" if v is True else "0" if v is False else str(v)) for k, v in value.items()}
+        return value
     max_queue: int = Field(64, gt=0, description="Waiting requests beyond this get 429")
     max_body_bytes: int = Field(20_000_000, gt=0, description="Largest request body")
     max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image (width x height)")

@@ -54,7 +54,8 @@ class Step:
 
 
 class OnnxVLM:
-    def __init__(self, folder: str | Path, variant: str = "fp32", providers: list[str] | None = None):
+    def __init__(self, folder: str | Path, variant: str = "fp32", providers: list[str] | None = None,
+                 session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -71,6 +72,8 @@ class OnnxVLM:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        for key, value in (session_config or {}).items():  # onnxruntime session config entries, e.g. ep.cuda.*
+            options.add_session_config_entry(key, str(value))
         self.providers = providers or default_providers()
         self.sessions = {
             g: ort.InferenceSession(str(graph_path(self.folder, g, variant)), options,
@@ -88,6 +91,10 @@ class OnnxVLM:
         # Which provider the decoder really got (onnxruntime falls back to CPU when CUDA cannot load).
         self.provider = decoder.get_providers()[0]
         self.on_cuda = self.provider == "CUDAExecutionProvider"
+        # With I/O binding the KV cache and the decode-step embeddings stay in the session's device memory between
+        # steps. Always on for CUDA; on the CPU it changes nothing but can be switched on to test that path.
+        self.bind_io = self.on_cuda
+        self.device = "cuda" if self.on_cuda else "cpu"
 
     def _read_json(self, name: str) -> dict:
         path = self.folder / name
@@ -116,31 +123,40 @@ class OnnxVLM:
             past[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=_ORT_TO_NUMPY[inp.type])
         return past
 
-    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> Step:
-        """One decoder call over `embeds` (prefill or one new token per row) with the cache so far."""
-        new = embeds.shape[1]
+    def _embed_on_device(self, input_ids: np.ndarray):
+        """Token embeddings left in device memory for the decoder to read (decode steps carry no image)."""
+        binding = self.sessions["embed_tokens"].io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_output(self.sessions["embed_tokens"].get_outputs()[0].name, self.device)
+        self.sessions["embed_tokens"].run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def forward(self, embeds, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> Step:
+        """One decoder call over `embeds` (prefill or one new token per row; a host array, or an OrtValue already on
+        the GPU) with the cache so far."""
+        new = embeds.shape[1] if isinstance(embeds, np.ndarray) else embeds.shape()[1]
         # Same positions as transformers' generate: count real tokens, padding gets 0.
         positions = np.cumsum(attention_mask, axis=-1) - 1
         positions = np.where(attention_mask == 0, 0, positions)[:, -new:]
         feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions}
-        if self.on_cuda:
+        if self.bind_io:
             return self._forward_on_device(feeds, past, attention_mask)
         outputs = self._run("decoder_model_merged", {**feeds, **past})
         next_past = {name.replace("present.", "past_key_values."): value for name, value in zip(self.output_names[1:], outputs[1:])}
         return Step(outputs[0][:, -1].astype(np.float32), next_past, attention_mask)
 
     def _forward_on_device(self, feeds: dict, past: dict, attention_mask: np.ndarray) -> Step:
-        """CUDA: the KV cache stays in GPU memory between steps (I/O binding); only the logits come back."""
+        """The KV cache stays in device memory between steps (I/O binding); only the logits come back."""
         session = self.sessions["decoder_model_merged"]
         types = self.input_types["decoder_model_merged"]
         binding = session.io_binding()
         for name, value in feeds.items():
-            _bind_input(binding, name, np.ascontiguousarray(value, dtype=types[name]))
+            _bind_input(binding, name, np.ascontiguousarray(value, dtype=types[name]) if isinstance(value, np.ndarray) else value)
         for name, value in past.items():  # host arrays only for the empty first-step cache
             _bind_input(binding, name, np.ascontiguousarray(value, dtype=types[name]) if isinstance(value, np.ndarray) else value)
         binding.bind_output("logits", "cpu")
         for name in self.output_names[1:]:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         next_past = {name.replace("present.", "past_key_values."): value for name, value in zip(self.output_names[1:], outputs[1:])}
@@ -179,13 +195,13 @@ class OnnxVLM:
                 _cache_graph(op, dtype).SerializeToString(), providers=self.sessions["decoder_model_merged"].get_providers())
         out = {}
         for name, inputs in tensors.items():
-            if not self.on_cuda:
+            if not self.bind_io:
                 out[name] = session.run(None, {**inputs, **feeds})[0]
                 continue
             binding = session.io_binding()
             for key, value in {**inputs, **feeds}.items():
                 _bind_input(binding, key, value)
-            binding.bind_output("y", "cuda")
+            binding.bind_output("y", self.device)
             session.run_with_iobinding(binding)
             out[name] = binding.get_outputs()[0]
         return out
@@ -196,7 +212,9 @@ class OnnxVLM:
 
     def decode(self, step: Step, tokens: np.ndarray) -> Step:
         mask = np.concatenate([step.attention_mask, np.ones((tokens.shape[0], 1), np.int64)], axis=1)
-        return self.forward(self.embed(tokens[:, None]), mask, step.past)
+        # On the GPU the embeddings go straight to the decoder: no round trip through host memory per step.
+        embeds = self._embed_on_device(tokens[:, None]) if self.bind_io else self.embed(tokens[:, None])
+        return self.forward(embeds, mask, step.past)
 
     def generate(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, max_new_tokens: int = 32) -> np.ndarray:
         """Greedy decoding; rows that reached end-of-utterance are padded, as transformers' generate does."""

@@ -92,6 +92,7 @@ def _run(cfg: Config, run_dir: Path, resume_from: str | None, manifest: dict) ->
     if cfg.train.precompute_ref_logps:
         seconds = trainer.precompute_reference_logps()
         manifest["ref_logps_precompute_s"] = round(seconds, 1)
+        manifest["ref_logps_pairs"] = len(trainer.train_dataset)
         log.info("train: reference log-probs of %d pairs precomputed in %.1f s", len(trainer.train_dataset), seconds)
 
     output = trainer.train(resume_from_checkpoint=resume_from)

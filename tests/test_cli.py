@@ -44,3 +44,11 @@ def test_entrypoints_only_exec_the_cli(stage):
     commands = [line for line in script if line and not line.startswith("#")]
     assert commands == [f'exec smolbox {stage} "$@"']
     assert os.access(REPO / "entrypoints" / stage, os.X_OK)
+
+
+@pytest.mark.parametrize("command", ["verify", "train", "export", "serve"])
+def test_every_command_prints_its_help(tmp_path, command):
+    """Every config field is a flag with its description as help; a '%' in one (train[:6%]) broke --help."""
+    result = smolbox(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--train.learning_rate" in result.stdout and "--serve.ort_session_config" in result.stdout

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from smolbox.config import CONFIG_DIR, ConfigError, load_config, read_dotenv
+from smolbox.config import CONFIG_DIR, ConfigError, load_config, parse_scalar, read_dotenv
 
 RECIPE_TARGETS = ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"]
 
@@ -112,3 +112,10 @@ def test_read_dotenv_rejects_garbage(tmp_path):
 
 def test_every_shipped_config_is_in_the_config_dir():
     assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} >= {"seed", "default", "tiny"}
+
+
+def test_onnxruntime_session_config_values_become_text():
+    """YAML reads `1` as an int and `true` as a bool; onnxruntime session config entries are strings."""
+    cfg = load_config("default", overrides={"serve.ort_session_config": parse_scalar("{ep.cuda.fpa_intb_gemm: 1, x: true}")},
+                      env={}, dotenv=None)
+    assert cfg.serve.ort_session_config == {"ep.cuda.fpa_intb_gemm": "1", "x": "1"}

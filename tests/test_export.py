@@ -262,13 +262,15 @@ def test_sigkill_mid_export_leaves_no_complete_looking_folder(root):
     assert not list((root / "exports").glob(".killed.partial-*")), "a new export clears the stale partial folder"
 
 
-@pytest.mark.parametrize("decoder", ["fused", "traced"])
-def test_rows_join_and_leave_a_running_batch(request, merged, decoder):
+@pytest.mark.parametrize("decoder,bind_io", [("fused", False), ("traced", False), ("fused", True)])
+def test_rows_join_and_leave_a_running_batch(request, merged, decoder, bind_io):
     """Continuous batching (smolbox.runtime select/merge): a request prefilled while another is decoding joins its
-    batch, finished rows leave; every row's greedy tokens equal those of the request generated alone."""
+    batch, finished rows leave; every row's greedy tokens equal those of the request generated alone. bind_io runs
+    the I/O-binding path CUDA takes (cache and decode embeddings as OrtValues in device memory), here on the CPU."""
     exported = request.getfixturevalue("exported" if decoder == "fused" else "exported_traced")
     _, processor = merged
     runtime = OnnxVLM(exported.folder, "fp32", providers=["CPUExecutionProvider"])
+    runtime.bind_io = bind_io
     single = {k: v.numpy() for k, v in _parity_inputs(processor, 1)[0].items()}
     pair = {k: v.numpy() for k, v in _left_padded_batch(processor).items()}
     alone = [runtime.generate(single["input_ids"], single["attention_mask"], single["pixel_values"], single["pixel_attention_mask"], 12)[0]]

@@ -112,6 +112,7 @@ def test_precomputed_reference_logps_give_the_same_losses(runs, reference_run, m
     expected_rewards = [m["rewards/margins"] for m in metrics(reference_run.run_dir) if "rewards/margins" in m]
     np.testing.assert_allclose(rewards, expected_rewards, rtol=0.05, atol=1e-4)
     assert pre.manifest["ref_logps_precompute_s"] > 0
+    assert pre.manifest["ref_logps_pairs"] == rows
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(runs, reference_run):
