@@ -15,6 +15,9 @@
 #   bash bench/gpu_session.sh probe        its parity; ORT q4f16 with and without the fpA_intB kernels (session
 #                                          config, and weights prepacked in the file), GPU kernel profiles
 #   bash bench/gpu_session.sh http FOLDER CONFIG   HTTP at 8 and 32 clients, 256 tokens, serve.ort_session_config=CONFIG
+#   bash bench/gpu_session.sh train4       default.yaml and lowmem.yaml (reference log-probs precomputed) and default without
+#   bash bench/gpu_session.sh export-base  smolbox export of the base model: fp32 + q4f16 (parity on 1 prompt)
+#   bash bench/gpu_session.sh serve4       ORT q4f16 TTFT / decode / kernel profile, then HTTP at 8 and 32 clients, 256 tokens
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_env.sh
@@ -102,6 +105,17 @@ case "${1:?stage}" in
       --session-configs default ep.cuda.fpa_intb_gemm=1 --json "$OUT/serve_probe.json" 2>&1 | grep -vE "Warn|warn" | tail -70
     python -m bench.serve_bench --export /tmp/exp/prepacked --ort-variants q4f16 --hf --clients --batch 32 --profile-kernels \
       --json "$OUT/serve_prepacked.json" 2>&1 | grep -vE "Warn|warn" | tail -36
+    ;;
+  train4)
+    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default default:no-precompute lowmem --json "$OUT/train4.json" 2>&1 | tail -6
+    ;;
+  export-base)
+    python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
+      --export.variants "[fp32, q4f16]" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
+    ;;
+  serve4)
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants q4f16 --hf --batch 32 --profile-kernels --http-variant q4f16 \
+      --clients 8 32 --seconds 15 --max-tokens 256 --json "$OUT/serve4.json" 2>&1 | grep -vE "Warn|warn" | tail -40
     ;;
   http)
     python -m bench.serve_bench --export "${2:?folder}" --ort-variants --hf --http-variant q4f16 --clients 8 32 --seconds 15 \

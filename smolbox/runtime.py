@@ -83,10 +83,11 @@ class OnnxVLM:
         decoder = self.sessions["decoder_model_merged"]
         self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in decoder.get_outputs()]
+        self.past_names = [name.replace("present.", "past_key_values.") for name in self.output_names[1:]]
         # A traced decoder returns logits for every position, the fused one (smolbox.onnx_decoder) the last only.
         self.logits_all_positions = decoder.get_outputs()[0].shape[1] != 1
         self.input_types = {g: {i.name: _ORT_TO_NUMPY[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
-        self._cache_sessions: dict = {}
+        self._helper_sessions: dict = {}
         self.pixel_dtype = self.input_types["vision_encoder"]["pixel_values"]  # float16 for fp16 graphs
         # Which provider the decoder really got (onnxruntime falls back to CPU when CUDA cannot load).
         self.provider = decoder.get_providers()[0]
@@ -95,6 +96,7 @@ class OnnxVLM:
         # steps. Always on for CUDA; on the CPU it changes nothing but can be switched on to test that path.
         self.bind_io = self.on_cuda
         self.device = "cuda" if self.on_cuda else "cpu"
+        self.prefill_multiple = 16 if self.on_cuda else 1  # see prefill()
 
     def _read_json(self, name: str) -> dict:
         path = self.folder / name
@@ -104,16 +106,44 @@ class OnnxVLM:
         types = self.input_types[graph]
         return self.sessions[graph].run(None, {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feeds.items()})
 
-    def embed(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None) -> np.ndarray:
-        embeds = self._run("embed_tokens", {"input_ids": input_ids})[0]
+    def embed(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None):
+        """Token embeddings with the image features in place of the <image> tokens: a host array, or with bind_io
+        an OrtValue in device memory (features and embeddings never leave the GPU)."""
         image_positions = input_ids == self.image_token_id
-        if pixel_values is not None and image_positions.any():
+        has_image = pixel_values is not None and bool(image_positions.any())
+        if self.bind_io:
+            embeds = self._embed_on_device(input_ids)
+            if not has_image:
+                return embeds
+            features = self._bound_run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})
+            shape = features.shape()
+            self._check_image_count(shape[0] * shape[1], image_positions)
+            # Row of the flattened features each position takes (0 for text positions, which keep their embedding).
+            rows = np.zeros(input_ids.shape, np.int64)
+            rows[image_positions] = np.arange(int(image_positions.sum()))
+            return self._helper_op("place", {"embeds": embeds, "features": features, "rows": rows, "is_image": image_positions})
+        embeds = self._run("embed_tokens", {"input_ids": input_ids})[0]
+        if has_image:
             features = self._run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})[0]
             features = features.reshape(-1, embeds.shape[-1])
-            if features.shape[0] != int(image_positions.sum()):
-                raise ValueError(f"{features.shape[0]} image features for {int(image_positions.sum())} <image> tokens")
+            self._check_image_count(features.shape[0], image_positions)
             embeds[image_positions] = features.astype(embeds.dtype)
         return embeds
+
+    @staticmethod
+    def _check_image_count(features: int, image_positions: np.ndarray) -> None:
+        if features != int(image_positions.sum()):
+            raise ValueError(f"{features} image features for {int(image_positions.sum())} <image> tokens")
+
+    def _bound_run(self, graph: str, feeds: dict[str, np.ndarray]):
+        """One session run with host inputs and its first output left in device memory (an OrtValue)."""
+        session, types = self.sessions[graph], self.input_types[graph]
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
+        binding.bind_output(session.get_outputs()[0].name, self.device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         # KV-head and head-size dimensions are fixed numbers in the graph; the past length starts at zero.
@@ -124,12 +154,8 @@ class OnnxVLM:
         return past
 
     def _embed_on_device(self, input_ids: np.ndarray):
-        """Token embeddings left in device memory for the decoder to read (decode steps carry no image)."""
-        binding = self.sessions["embed_tokens"].io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_output(self.sessions["embed_tokens"].get_outputs()[0].name, self.device)
-        self.sessions["embed_tokens"].run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        """Token embeddings left in device memory for the decoder to read."""
+        return self._bound_run("embed_tokens", {"input_ids": input_ids})
 
     def forward(self, embeds, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> Step:
         """One decoder call over `embeds` (prefill or one new token per row; a host array, or an OrtValue already on
@@ -142,26 +168,26 @@ class OnnxVLM:
         if self.bind_io:
             return self._forward_on_device(feeds, past, attention_mask)
         outputs = self._run("decoder_model_merged", {**feeds, **past})
-        next_past = {name.replace("present.", "past_key_values."): value for name, value in zip(self.output_names[1:], outputs[1:])}
-        return Step(outputs[0][:, -1].astype(np.float32), next_past, attention_mask)
+        return Step(outputs[0][:, -1].astype(np.float32), dict(zip(self.past_names, outputs[1:])), attention_mask)
 
     def _forward_on_device(self, feeds: dict, past: dict, attention_mask: np.ndarray) -> Step:
         """The KV cache stays in device memory between steps (I/O binding); only the logits come back."""
         session = self.sessions["decoder_model_merged"]
         types = self.input_types["decoder_model_merged"]
         binding = session.io_binding()
-        for name, value in feeds.items():
-            _bind_input(binding, name, np.ascontiguousarray(value, dtype=types[name]) if isinstance(value, np.ndarray) else value)
-        for name, value in past.items():  # host arrays only for the empty first-step cache
-            _bind_input(binding, name, np.ascontiguousarray(value, dtype=types[name]) if isinstance(value, np.ndarray) else value)
+        # A decode step is launch-bound on the GPU (~360 nodes, 2 ms of kernels): keep the Python around it lean.
+        for name, value in (*feeds.items(), *past.items()):  # host arrays: the step's feeds, the empty first cache
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
+            else:
+                binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self.output_names[1:]:
             binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        next_past = {name.replace("present.", "past_key_values."): value for name, value in zip(self.output_names[1:], outputs[1:])}
         logits = outputs[0].numpy()
-        return Step(logits[:, -1].astype(np.float32), next_past, attention_mask)
+        return Step(logits[:, -1].astype(np.float32), dict(zip(self.past_names, outputs[1:])), attention_mask)
 
     # ---- batch surgery (continuous batching): rows leave a running batch, new rows join it -------------------
 
@@ -171,7 +197,7 @@ class OnnxVLM:
         mask = step.attention_mask[rows]
         trim = int(np.argmax(mask.any(axis=0)))
         feeds = {"index": np.asarray(rows, np.int64), "trim": np.array([trim], np.int64)}
-        past = self._cache_op("select", {name: {"x": value} for name, value in step.past.items()}, feeds)
+        past = {name: self._helper_op("select", {"x": value, **feeds}) for name, value in step.past.items()}
         return Step(step.logits[rows], past, mask[:, trim:])
 
     def merge(self, a: Step, b: Step) -> Step:
@@ -180,35 +206,43 @@ class OnnxVLM:
         total = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
         pad = {key: total - s.attention_mask.shape[1] for key, s in (("a", a), ("b", b))}
         feeds = {f"pads_{key}": np.array([0, 0, n, 0, 0, 0, 0, 0], np.int64) for key, n in pad.items()}
-        past = self._cache_op("merge", {name: {"a": a.past[name], "b": b.past[name]} for name in a.past}, feeds)
+        past = {name: self._helper_op("merge", {"a": a.past[name], "b": b.past[name], **feeds}) for name in a.past}
         mask = np.concatenate([np.pad(a.attention_mask, ((0, 0), (pad["a"], 0))), np.pad(b.attention_mask, ((0, 0), (pad["b"], 0)))])
         return Step(np.concatenate([a.logits, b.logits]), past, mask)
 
-    def _cache_op(self, op: str, tensors: dict[str, dict], feeds: dict[str, np.ndarray]) -> dict:
-        """Run one small graph per cache tensor, on the decoder's device (the cache never leaves the GPU)."""
-        session = self._cache_sessions.get(op)
+    def _helper_op(self, op: str, feeds: dict):
+        """One of the small graphs of _helper_graph, on the decoder's device: KV-cache surgery for continuous
+        batching, image features into the embeddings. With bind_io its inputs and output stay in device memory."""
+        session = self._helper_sessions.get(op)
         if session is None:
             import onnxruntime as ort
 
-            dtype = self.input_types["decoder_model_merged"][self.past_inputs[0].name]
-            session = self._cache_sessions[op] = ort.InferenceSession(
-                _cache_graph(op, dtype).SerializeToString(), providers=self.sessions["decoder_model_merged"].get_providers())
-        out = {}
-        for name, inputs in tensors.items():
-            if not self.bind_io:
-                out[name] = session.run(None, {**inputs, **feeds})[0]
-                continue
-            binding = session.io_binding()
-            for key, value in {**inputs, **feeds}.items():
-                _bind_input(binding, key, value)
-            binding.bind_output("y", self.device)
-            session.run_with_iobinding(binding)
-            out[name] = binding.get_outputs()[0]
-        return out
+            cache = self.input_types["decoder_model_merged"][self.past_inputs[0].name]
+            embeds = self.input_types["decoder_model_merged"]["inputs_embeds"]
+            features = _ORT_TO_NUMPY[self.sessions["vision_encoder"].get_outputs()[0].type]
+            session = self._helper_sessions[op] = ort.InferenceSession(
+                _helper_graph(op, cache, embeds, features).SerializeToString(),
+                providers=self.sessions["decoder_model_merged"].get_providers())
+        if not self.bind_io:
+            return session.run(None, feeds)[0]
+        binding = session.io_binding()
+        for key, value in feeds.items():
+            _bind_input(binding, key, value)
+        binding.bind_output("y", self.device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
     def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None) -> Step:
+        attention_mask = attention_mask.astype(np.int64)
+        # onnxruntime's CUDA MultiHeadAttention takes its memory-efficient kernel with an attention mask only when
+        # the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one (~16 of 29 ms of a
+        # 1,107-token prefill on an H100). Left padding to a multiple of prefill_multiple changes no result.
+        extra = -input_ids.shape[1] % self.prefill_multiple
+        if extra:
+            input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=self.pad_token_id)
+            attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
         embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)
-        return self.forward(embeds, attention_mask.astype(np.int64), self.empty_past(input_ids.shape[0]))
+        return self.forward(embeds, attention_mask, self.empty_past(input_ids.shape[0]))
 
     def decode(self, step: Step, tokens: np.ndarray) -> Step:
         mask = np.concatenate([step.attention_mask, np.ones((tokens.shape[0], 1), np.int64)], axis=1)
@@ -240,25 +274,39 @@ def _bind_input(binding, name: str, value) -> None:
         binding.bind_ortvalue_input(name, value)
 
 
-def _cache_graph(op: str, dtype):
+def _helper_graph(op: str, cache_dtype, embeds_dtype, features_dtype):
     """select: y = x[index][:, :, trim:]   merge: y = concat(pad(a, pads_a), pad(b, pads_b)) along the batch.
-    x, a, b are one cache tensor [batch, heads, length, head_dim]; pads are ONNX Pad's 8 numbers."""
+    x, a, b are one cache tensor [batch, heads, length, head_dim]; pads are ONNX Pad's 8 numbers.
+    place: y = where(is_image, features.flatten(0, 1)[rows], embeds), the image features in place of the <image>
+    tokens' embeddings [batch, length, hidden]."""
     from onnx import TensorProto, helper
 
-    elem = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}[dtype]
-    cache = lambda name: helper.make_tensor_value_info(name, elem, ["b", "h", "t", "d"])  # noqa: E731
+    elem = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+    cache = lambda name: helper.make_tensor_value_info(name, elem[cache_dtype], ["b", "h", "t", "d"])  # noqa: E731
     ints = lambda name, n: helper.make_tensor_value_info(name, TensorProto.INT64, [n])  # noqa: E731
-    big = helper.make_tensor("end", TensorProto.INT64, [1], [2**62])
-    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
     if op == "select":
+        big = helper.make_tensor("end", TensorProto.INT64, [1], [2**62])
+        axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
         nodes = [helper.make_node("Gather", ["x", "index"], ["rows"], axis=0),
                  helper.make_node("Slice", ["rows", "trim", "end", "axis"], ["y"])]
-        inputs, inits = [cache("x"), ints("index", "k"), ints("trim", 1)], [big, axis]
-    else:
+        inputs, inits, output = [cache("x"), ints("index", "k"), ints("trim", 1)], [big, axis], cache("y")
+    elif op == "merge":
         nodes = [helper.make_node("Pad", ["a", "pads_a"], ["pa"]), helper.make_node("Pad", ["b", "pads_b"], ["pb"]),
                  helper.make_node("Concat", ["pa", "pb"], ["y"], axis=0)]
-        inputs, inits = [cache("a"), cache("b"), ints("pads_a", 8), ints("pads_b", 8)], []
-    graph = helper.make_graph(nodes, f"kv_{op}", inputs, [cache("y")], inits)
+        inputs, inits, output = [cache("a"), cache("b"), ints("pads_a", 8), ints("pads_b", 8)], [], cache("y")
+    else:
+        last = helper.make_tensor("last", TensorProto.INT64, [1], [-1])
+        nodes = [helper.make_node("Flatten", ["features"], ["rows_hidden"], axis=2),  # [images * tokens, hidden]
+                 helper.make_node("Cast", ["rows_hidden"], ["rows_cast"], to=elem[embeds_dtype]),
+                 helper.make_node("Gather", ["rows_cast", "rows"], ["placed"], axis=0),
+                 helper.make_node("Unsqueeze", ["is_image", "last"], ["where"]),
+                 helper.make_node("Where", ["where", "placed", "embeds"], ["y"])]
+        inputs = [helper.make_tensor_value_info("embeds", elem[embeds_dtype], ["b", "s", "h"]),
+                  helper.make_tensor_value_info("features", elem[features_dtype], ["n", "t", "h"]),
+                  helper.make_tensor_value_info("rows", TensorProto.INT64, ["b", "s"]),
+                  helper.make_tensor_value_info("is_image", TensorProto.BOOL, ["b", "s"])]
+        inits, output = [last], helper.make_tensor_value_info("y", elem[embeds_dtype], ["b", "s", "h"])
+    graph = helper.make_graph(nodes, f"smolbox_{op}", inputs, [output], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="smolbox.runtime")
     model.ir_version = 10
     return model

@@ -90,8 +90,9 @@ def _run(cfg: Config, run_dir: Path, resume_from: str | None, manifest: dict) ->
         log.info("resuming from %s", resume_from)
     trainer.add_callback(RunCallback(metrics_path, _pairs_per_step(cfg), device))
     if cfg.train.precompute_ref_logps:
-        seconds = trainer.precompute_reference_logps()
+        seconds, first_batch_s = trainer.precompute_reference_logps()
         manifest["ref_logps_precompute_s"] = round(seconds, 1)
+        manifest["ref_logps_first_batch_s"] = round(first_batch_s, 1)
         manifest["ref_logps_pairs"] = len(trainer.train_dataset)
         log.info("train: reference log-probs of %d pairs precomputed in %.1f s", len(trainer.train_dataset), seconds)
 

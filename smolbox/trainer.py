@@ -26,10 +26,11 @@ class SmolboxDPOTrainer(DPOTrainer):
         metrics["logps/rejected"].append(gather(out.rejected_logps).mean().item())
         return (out.loss, None) if return_outputs else out.loss
 
-    def precompute_reference_logps(self) -> float:
+    def precompute_reference_logps(self) -> tuple[float, float]:
         """One no-grad pass over the training set with the adapters off: every pair's reference log-probs become
         dataset columns, so training steps skip the reference forward (a quarter of a step's compute) in every
-        epoch. The reference policy is fixed, so the loss is the same function. Returns the seconds it took.
+        epoch. The reference policy is fixed, so the loss is the same function. Returns the seconds it took, and
+        those of its first batch (loader start and warm-up, which a longer data set does not repeat).
         (TRL's own precompute_ref_log_probs refuses vision data sets.)"""
         started = time.perf_counter()
         loader = torch.utils.data.DataLoader(
@@ -39,6 +40,7 @@ class SmolboxDPOTrainer(DPOTrainer):
         was_training = model.training
         model.eval()
         chosen, rejected = [], []
+        first_batch_s = 0.0
         with self.accelerator.autocast():
             for batch in loader:
                 batch = self._prepare_inputs(batch)
@@ -46,13 +48,14 @@ class SmolboxDPOTrainer(DPOTrainer):
                 c, r = logps.chunk(2)
                 chosen.append(c)
                 rejected.append(r)
+                first_batch_s = first_batch_s or time.perf_counter() - started
         model.train(was_training)
         dataset = self.train_dataset
         for key, values in zip(REF_KEYS, (torch.cat(chosen), torch.cat(rejected))):
             dataset = dataset.add_column(key, values.tolist())
         self.train_dataset = dataset
         self.data_collator = _WithReferenceLogps(self.data_collator)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, first_batch_s
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -262,15 +262,17 @@ def test_sigkill_mid_export_leaves_no_complete_looking_folder(root):
     assert not list((root / "exports").glob(".killed.partial-*")), "a new export clears the stale partial folder"
 
 
-@pytest.mark.parametrize("decoder,bind_io", [("fused", False), ("traced", False), ("fused", True)])
-def test_rows_join_and_leave_a_running_batch(request, merged, decoder, bind_io):
+@pytest.mark.parametrize("decoder,on_cuda_path", [("fused", False), ("traced", False), ("fused", True)])
+def test_rows_join_and_leave_a_running_batch(request, merged, decoder, on_cuda_path):
     """Continuous batching (smolbox.runtime select/merge): a request prefilled while another is decoding joins its
-    batch, finished rows leave; every row's greedy tokens equal those of the request generated alone. bind_io runs
-    the I/O-binding path CUDA takes (cache and decode embeddings as OrtValues in device memory), here on the CPU."""
+    batch, finished rows leave; every row's greedy tokens equal those of the request generated alone. on_cuda_path
+    runs, on the CPU, what the runtime does on CUDA: I/O binding (embeddings, image features and cache as
+    OrtValues in device memory, the features placed by a small graph) and prompts left-padded to a multiple of 16."""
     exported = request.getfixturevalue("exported" if decoder == "fused" else "exported_traced")
     _, processor = merged
     runtime = OnnxVLM(exported.folder, "fp32", providers=["CPUExecutionProvider"])
-    runtime.bind_io = bind_io
+    if on_cuda_path:
+        runtime.bind_io, runtime.prefill_multiple = True, 16
     single = {k: v.numpy() for k, v in _parity_inputs(processor, 1)[0].items()}
     pair = {k: v.numpy() for k, v in _left_padded_batch(processor).items()}
     alone = [runtime.generate(single["input_ids"], single["attention_mask"], single["pixel_values"], single["pixel_attention_mask"], 12)[0]]
@@ -279,6 +281,8 @@ def test_rows_join_and_leave_a_running_batch(request, merged, decoder, bind_io):
 
     produced = [[], [], []]
     step = runtime.prefill(single["input_ids"], single["attention_mask"], single["pixel_values"], single["pixel_attention_mask"])
+    if on_cuda_path:
+        assert single["input_ids"].shape[1] % 16 and step.attention_mask.shape[1] % 16 == 0, "the prompt was padded"
     owners = [0]  # which request each batch row belongs to
     for t in range(14):
         tokens = step.logits.argmax(-1).astype(np.int64)
