@@ -77,8 +77,9 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
     ttft = _median_ms(first_token, repeats)
     vision = _median_ms(lambda: model._run("vision_encoder", {"pixel_values": enc.pixel_values,
                                                               "pixel_attention_mask": enc.pixel_attention_mask.astype(bool)}), repeats)
-    embeds = model.embed(enc.input_ids, enc.pixel_values, enc.pixel_attention_mask)
-    prefill = _median_ms(lambda: model.forward(embeds, enc.attention_mask.astype(np.int64), model.empty_past(1)), repeats)
+    ids, mask = model.pad_prompt(enc.input_ids, enc.attention_mask)  # as prefill() does
+    embeds = model.embed(ids, enc.pixel_values, enc.pixel_attention_mask)
+    prefill = _median_ms(lambda: model.forward(embeds, mask, model.empty_past(1)), repeats)
 
     def decode_rate(rows: int) -> float:
         inputs = pad_batch([enc] * rows, pre.pad_token_id)

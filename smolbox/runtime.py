@@ -232,15 +232,19 @@ class OnnxVLM:
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
 
-    def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None) -> Step:
+    def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """onnxruntime's CUDA MultiHeadAttention takes its memory-efficient kernel with an attention mask only when
+        the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one (16 of 29 ms of a
+        1,107-token prefill on an H100). Left padding to a multiple of prefill_multiple changes no result."""
         attention_mask = attention_mask.astype(np.int64)
-        # onnxruntime's CUDA MultiHeadAttention takes its memory-efficient kernel with an attention mask only when
-        # the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one (~16 of 29 ms of a
-        # 1,107-token prefill on an H100). Left padding to a multiple of prefill_multiple changes no result.
         extra = -input_ids.shape[1] % self.prefill_multiple
         if extra:
             input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=self.pad_token_id)
             attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
+        return input_ids, attention_mask
+
+    def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None) -> Step:
+        input_ids, attention_mask = self.pad_prompt(input_ids, attention_mask)
         embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)
         return self.forward(embeds, attention_mask, self.empty_past(input_ids.shape[0]))
 
