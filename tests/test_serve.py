@@ -173,6 +173,35 @@ def test_stream_chunks_join_to_the_same_text(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
 
 
+def test_incremental_text_equals_decoding_everything(folder):
+    """Each row is detokenized incrementally (a short window per token, not the whole completion every step): the
+    text only ever grows by appending, never ends in half a character, and ends equal to decoding all tokens at
+    once, multibyte characters, odd spacing and random (also special) tokens included."""
+    from smolbox.preprocess import Preprocessor
+    from smolbox.serve import _IncrementalText
+
+    pre = Preprocessor(folder)
+    ids = lambda text: pre.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    rng = np.random.default_rng(0)
+    sequences = [ids("Hello wörld — 日本語のテキスト 🙂, 12345."), ids("  spaced   out\n\n\ttabs ✓✓🙂🙂")]
+    sequences += [rng.integers(0, pre.tokenizer.get_vocab_size(), 200).tolist() for _ in range(10)]
+    for sequence in sequences:
+        text, shown = _IncrementalText(), ""
+        for token in sequence:
+            now = text.add(int(token), pre)
+            assert now.startswith(shown) and not now.endswith("\ufffd")
+            shown = now
+        assert text.final(pre) == pre.decode(sequence) and text.final(pre).startswith(shown)
+
+
+def test_engine_host_bench_runs_every_row_to_max_tokens(folder):
+    """bench/engine_host.py times the engine's per-step host work with real _Row objects: smoke-test it here."""
+    from bench.engine_host import measure
+
+    result = measure(folder, rows=4, tokens=16, vocab=1024)
+    assert result["rows"] == 4 and result["host_ms_per_step"] > 0  # measure() asserts every row finished
+
+
 def test_sixteen_parallel_requests_are_batched_and_correct(server):
     colors = [(i * 15 % 256, 255 - i * 15 % 256, (i * 70) % 256) for i in range(16)]
     bodies = [chat(f"Question {i}: what color?", png(c, (32 + 4 * i, 40))) for i, c in enumerate(colors)]
