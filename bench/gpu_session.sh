@@ -14,7 +14,6 @@
 #   bash bench/gpu_session.sh export-bench bench/export_bench.py at full size: merge, fp32/fp16 graphs, q4, q4f16, int8
 #   bash bench/gpu_session.sh probe        its parity; ORT q4f16 with and without the fpA_intB kernels (session
 #                                          config, and weights prepacked in the file), GPU kernel profiles
-#   bash bench/gpu_session.sh http FOLDER CONFIG   HTTP at 8 and 32 clients, 256 tokens, serve.ort_session_config=CONFIG
 #   bash bench/gpu_session.sh train4       default.yaml and lowmem.yaml (reference log-probs precomputed) and default without
 #   bash bench/gpu_session.sh export-base  smolbox export of the base model: fp32 + q4f16 (parity on 1 prompt)
 #   bash bench/gpu_session.sh serve4       ORT q4f16 TTFT / decode / kernel profile, then HTTP at 8 and 32 clients, 256 tokens
@@ -28,6 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 REAL=(--config default --model.id /tmp/rs/model --data.id /tmp/rs/data --data.train_split train --data.eval_split null
       --run.output_dir /tmp/runs --run.name e2e --run.min_free_disk_gb 0 --env-file "")
 VARIANTS="[fp32, fp16, q4f16, q4]"
+EB=(--model /tmp/rs/model --out /tmp/exp --variants fp32 fp16 q4 q4f16 int8)  # bench/export_bench.py at full size
 
 request() {  # one image question to a running server; prints the answer
   python - "$1" <<'EOF'
@@ -91,13 +91,11 @@ case "${1:?stage}" in
     python -m bench.train_bench --root /tmp/rs --steps 5 --variants default default:precompute --json "$OUT/train_default.json" 2>&1 | tail -5
     ;;
   export-bench)
-    EB=(--model /tmp/rs/model --out /tmp/exp --variants fp32 fp16 q4 q4f16 int8)
     python -m bench.export_bench "${EB[@]}" --phase graphs 2>&1 | grep -E "export_bench:|Error|error" | tail -12
     python -m bench.export_bench "${EB[@]}" --phase variants 2>&1 | grep -E "export_bench:|Error|error|sizes" | tail -12
     cp /tmp/exp/bench.json "$OUT/export_bench.json"
     ;;
   probe)
-    EB=(--model /tmp/rs/model --out /tmp/exp --variants fp32 fp16 q4 q4f16 int8)
     python -m bench.export_bench "${EB[@]}" --phase parity 2>&1 | grep -vE "Warn|warn" | tail -16
     cp /tmp/exp/bench.json "$OUT/export_bench.json"
     python -m bench.prepack_probe --export /tmp/exp/real.work --out /tmp/exp/prepacked 2>&1 | grep -v Warn | tail -3
@@ -116,10 +114,6 @@ case "${1:?stage}" in
   serve4)
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants q4f16 --hf --batch 32 --profile-kernels --http-variant q4f16 \
       --clients 8 32 --seconds 15 --max-tokens 256 --json "$OUT/serve4.json" 2>&1 | grep -vE "Warn|warn" | tail -40
-    ;;
-  http)
-    python -m bench.serve_bench --export "${2:?folder}" --ort-variants --hf --http-variant q4f16 --clients 8 32 --seconds 15 \
-      --max-tokens 256 --http-session-config "${3:-default}" --json "$OUT/serve_http.json" 2>&1 | grep -E "^HTTP|Error"
     ;;
   serve-bench)
     folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)
