@@ -5,9 +5,14 @@ side by side in one run, on the real-shape model and 512x384 image pairs of benc
     python -m bench.train_bench --root /tmp/rs --json train_bench.json [--variants recipe default lowmem ...]
 
 Each variant runs in its own process (clean peak-memory numbers; nothing patched leaks into the next) for
-`--steps` optimizer steps with the gradient accumulation of the variant's table row (smaller than the real
-configs' for time: the micro-batch, which decides speed and memory, is the real one). Step 1 is warm-up;
-pairs/s = pairs of steps 2..N / their wall time. Peak memory is torch.cuda.max_memory_allocated (and _reserved).
+`--steps` optimizer steps with the global batch of the variant's table row (smaller than the real configs' for
+time: the micro-batch, which decides speed and memory, is the real one), or `--global-batch`. Step 1 is warm-up;
+pairs/s = pairs of steps 2..N / their wall time. Peak memory is torch.cuda.max_memory_allocated (and _reserved),
+the largest over the processes.
+
+World size: `<variant>@N` runs the variant on N GPUs of this host through torchrun (one process per GPU), with the
+same global batch, so `default@1 default@2 --global-batch 32` measures how training scales (pairs/s, peak memory
+per GPU, the precompute pass, first losses) side by side.
 
 Variants:
   recipe            the cookbook recipe exactly (configs/seed.yaml values) through stock TRL DPOTrainer + peft_config
@@ -31,25 +36,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> (base config, overrides, gradient accumulation used here); accumulation is reduced for time.
+# name -> (base config, overrides, global batch used here: pairs a step, reduced for time).
 W = "train.dataloader_num_workers"
 BS, CKPT = "train.per_device_train_batch_size", "train.gradient_checkpointing"
 VARIANTS = {
     "seed": ("seed", {}, 4),
-    "default": ("default", {}, 1),
-    "lowmem": ("lowmem", {}, 2),
-    "default-bs4-w4": ("default", {BS: 4, CKPT: True, W: 4}, 2),
-    "default-bs8-w4": ("default", {BS: 8, CKPT: True, W: 4}, 1),
-    "default-bs2-nockpt-w4": ("default", {BS: 2, CKPT: False, W: 4}, 4),
-    "default-bs4-nockpt-w4": ("default", {BS: 4, CKPT: False, W: 4}, 2),
+    "default": ("default", {}, 16),
+    "lowmem": ("lowmem", {}, 8),
+    "default-bs4-w4": ("default", {BS: 4, CKPT: True, W: 4}, 8),
+    "default-bs8-w4": ("default", {BS: 8, CKPT: True, W: 4}, 8),
+    "default-bs2-nockpt-w4": ("default", {BS: 2, CKPT: False, W: 4}, 8),
+    "default-bs4-nockpt-w4": ("default", {BS: 4, CKPT: False, W: 4}, 8),
     "default-bs1-nockpt-w4": ("default", {BS: 1, CKPT: False, W: 4}, 8),
-    "default-bs16-w8": ("default", {BS: 16, CKPT: True, W: 8}, 1),
-    "default-bs8-w8": ("default", {BS: 8, CKPT: True, W: 8}, 1),
+    "default-bs16-w8": ("default", {BS: 16, CKPT: True, W: 8}, 16),
+    "default-bs8-w8": ("default", {BS: 8, CKPT: True, W: 8}, 8),
     "lowmem-bs1": ("default", {BS: 1, CKPT: True}, 4),
     "lowmem-bs1-w4": ("default", {BS: 1, CKPT: True, W: 4}, 8),
-    "lowmem-bs2-w4": ("default", {BS: 2, CKPT: True, W: 4}, 4),
+    "lowmem-bs2-w4": ("default", {BS: 2, CKPT: True, W: 4}, 8),
     "lowmem-bs1-w2": ("default", {BS: 1, CKPT: True, W: 2}, 4),
-    "lowmem-bs2-w2": ("default", {BS: 2, CKPT: True, W: 2}, 4),
+    "lowmem-bs2-w2": ("default", {BS: 2, CKPT: True, W: 2}, 8),
 }
 RECIPE_ACCUMULATION = 4  # the recipe's 32, reduced for time; micro-batch 1 as in the recipe
 RECIPE_PAIRS = 4738  # train[:6%] of rlaif-v_formatted (../shared/RECIPE.md)
@@ -145,25 +150,25 @@ def run_recipe(root: Path, steps: int, workdir: Path, cpu: bool) -> dict:
     })
 
 
-def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> dict:
-    import smolbox.train as train_mod
-    from smolbox import dpo
+def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool, global_batch: int | None) -> dict:
+    import torch
+
+    from smolbox import distributed
     from smolbox.config import load_config
+    from smolbox.train import train
 
     # Modifiers after the name: ":unpacked" (TRL's two rows per pair), ":peft-dora" (peft's DoRA forward).
-    base, *modifiers = name.split(":")
+    base, *modifiers = name.split("@")[0].split(":")
     packed = "unpacked" not in modifiers
-    if not packed:
-        dpo.PACKABLE_ATTENTION = set()  # every batch takes the unpacked path
-    config_name, overrides, accumulation = VARIANTS[base]
+    config_name, overrides, pairs = VARIANTS[base]
     switches = {"peft-dora": ("adapter.fused_dora", False), "precompute": ("train.precompute_ref_logps", True),
-                "no-precompute": ("train.precompute_ref_logps", False)}
+                "no-precompute": ("train.precompute_ref_logps", False), "unpacked": ("train.pack_pairs", False)}
     overrides = {**overrides, **dict(switches[m] for m in modifiers if m in switches)}
     overrides = {
         **overrides, "model.id": str(root / "model"), "data.id": str(root / "data"), "data.train_split": "train",
         "data.eval_split": None, "data.num_proc": 1, "train.max_steps": steps, "train.logging_steps": 1,
-        "train.save_steps": 100000, "train.gradient_accumulation_steps": accumulation,
-        "run.output_dir": str(workdir), "run.name": name.replace(":", "-"), "run.min_free_disk_gb": 0,
+        "train.save_steps": 100000, "train.global_batch_size": global_batch or pairs,
+        "run.output_dir": str(workdir), "run.name": name.replace(":", "-").replace("@", "-x"), "run.min_free_disk_gb": 0,
     }
     if cpu:
         overrides.update({"train.bf16": False, "run.device": "cpu", "model.dtype": "float32", "quant.compute_dtype": "float32",
@@ -171,23 +176,24 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> 
     cfg = load_config(config_name, overrides=overrides, env={}, dotenv=None)
     real = load_config(config_name, overrides={}, env={}, dotenv=None).train
     timer = StepTimer()
-    build = train_mod._build_trainer
-
-    def with_timer(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(timer)
-        return trainer
-
-    train_mod._build_trainer = with_timer
-    result = train_mod.train(cfg)
-    t = cfg.train
-    row = _result(timer, t.per_device_train_batch_size * t.gradient_accumulation_steps, {
-        "variant": name, "micro_batch": t.per_device_train_batch_size, "accumulation": t.gradient_accumulation_steps,
-        "real_accumulation": real.gradient_accumulation_steps, "gradient_checkpointing": t.gradient_checkpointing,
-        "attention": result.manifest["attention"]["implementation"], "packed": packed,
+    result = train(cfg, callbacks=[timer])
+    batch = result.manifest.get("batch", {})
+    peaks = distributed.gather((torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+                               if torch.cuda.is_available() else (0.0, 0.0))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    row = _result(timer, cfg.train.global_batch_size, {
+        "variant": name, "world_size": distributed.world().size, "micro_batch": batch.get("micro_batch"),
+        "accumulation": batch.get("accumulation"), "real_global_batch": real.global_batch_size,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "attention": result.manifest.get("attention", {}).get("implementation"), "packed": packed,
         "dropout": cfg.adapter.dropout, "fused_dora": cfg.adapter.fused_dora,
-        "ref_logps_precompute_s": result.manifest.get("ref_logps_precompute_s"), "workers": t.dataloader_num_workers, "path": f"smolbox.train, configs/{config_name}.yaml",
+        "ref_logps_precompute_s": result.manifest.get("ref_logps_precompute_s"), "workers": cfg.train.dataloader_num_workers,
+        "path": f"smolbox.train, configs/{config_name}.yaml", "losses": [r["loss"] for r in records if "loss" in r],
+        "gpus": result.manifest.get("distributed", {}).get("gpus"),
+        "peak_allocated_gib_per_gpu": [round(a, 2) for a, _ in peaks],
     })
+    if peaks and torch.cuda.is_available():
+        row.update(peak_allocated_gib=round(max(a for a, _ in peaks), 2), peak_reserved_gib=round(max(r for _, r in peaks), 2))
     m = result.manifest
     if m.get("ref_logps_precompute_s") and m.get("ref_logps_pairs") and row["pairs_per_s"]:
         # A whole run pays the one-off pass once for all its epochs. Here it covers the bench's few pairs, so its
@@ -205,10 +211,11 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> 
     return row
 
 
-def child(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> None:
+def child(name: str, root: Path, steps: int, workdir: Path, cpu: bool, global_batch: int | None) -> None:
     started = time.perf_counter()
     try:
-        result = run_recipe(root, steps, workdir, cpu) if name == "recipe" else run_smolbox(name, root, steps, workdir, cpu)
+        result = (run_recipe(root, steps, workdir, cpu) if name == "recipe"
+                  else run_smolbox(name, root, steps, workdir, cpu, global_batch))
     except Exception as exc:  # noqa: BLE001 - reported in the table, the next variant still runs
         import traceback
 
@@ -222,12 +229,13 @@ def child(name: str, root: Path, steps: int, workdir: Path, cpu: bool) -> None:
         except Exception:  # noqa: BLE001
             pass
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    print("RESULT " + json.dumps(result), flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("RESULT " + json.dumps(result), flush=True)
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'variant':<22} {'mb':>3} {'acc':>4} {'ckpt':>5} {'packed':>6} {'pairs/s':>8} {'alloc GiB':>9} {'resv GiB':>8} "
-            f"{'x recipe':>8} {'run pairs/s':>11} {'4738 pairs':>11}")
+    head = (f"{'variant':<22} {'gpus':>4} {'mb':>3} {'acc':>4} {'ckpt':>5} {'packed':>6} {'pairs/s':>8} {'alloc GiB':>9} "
+            f"{'resv GiB':>8} {'x recipe':>8} {'x 1 GPU':>7} {'run pairs/s':>11} {'4738 pairs':>11}")
     base = next((r.get("pairs_per_s") for r in rows if r["variant"] == "recipe" and r.get("pairs_per_s")), None)
     lines = [head]
     for r in rows:
@@ -235,11 +243,17 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{r['variant']:<22} ERROR {r['error'][:90]}")
             continue
         ratio = f"{r['pairs_per_s'] / base:.2f}" if base and r.get("pairs_per_s") else "-"
-        lines.append(f"{r['variant']:<22} {r['micro_batch']:>3} {r['accumulation']:>4} {str(r['gradient_checkpointing'])[0]:>5} "
-                     f"{str(r['packed'])[0]:>6} {r['pairs_per_s'] or 0:>8.3f} {r.get('peak_allocated_gib', 0):>9.2f} "
-                     f"{r.get('peak_reserved_gib', 0):>8.2f} {ratio:>8} {r.get('pairs_per_s_with_precompute') or '':>11} "
-                     f"{r.get('pairs_per_s_with_precompute_recipe_data') or '':>11}")
-    lines.append("accumulation reduced for time (real: recipe/seed 32, default 8, lowmem see configs); micro-batch as configured")
+        # scaling: against the same variant on one GPU with the same global batch, measured in this run
+        single = next((o.get("pairs_per_s") for o in rows if o.get("world_size") == 1 and "error" not in o
+                       and o["variant"].split("@")[0] == r["variant"].split("@")[0]
+                       and o.get("pairs_per_step") == r.get("pairs_per_step")), None)
+        scaling = f"{r['pairs_per_s'] / single:.2f}" if single and r.get("pairs_per_s") and r.get("world_size", 1) > 1 else "-"
+        lines.append(f"{r['variant']:<22} {r.get('world_size', 1):>4} {r['micro_batch']:>3} {r['accumulation']:>4} "
+                     f"{str(r['gradient_checkpointing'])[0]:>5} {str(r['packed'])[0]:>6} {r['pairs_per_s'] or 0:>8.3f} "
+                     f"{r.get('peak_allocated_gib', 0):>9.2f} {r.get('peak_reserved_gib', 0):>8.2f} {ratio:>8} {scaling:>7} "
+                     f"{r.get('pairs_per_s_with_precompute') or '':>11} {r.get('pairs_per_s_with_precompute_recipe_data') or '':>11}")
+    lines.append("global batch reduced for time unless --global-batch (real: 32 pairs a step); micro-batch as configured; "
+                 "memory: the largest GPU")
     lines.append("run pairs/s: with precomputed reference log-probs, the one-off pass spread over the config's epochs "
                  "(this data set; 4738 pairs: projected to the recipe's data at the pass's steady rate)")
     return "\n".join(lines)
@@ -250,19 +264,24 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="folder written by bench.real_shapes")
     parser.add_argument("--variants", nargs="+", default=["recipe", "default:unpacked", "default", "lowmem"])
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is warm-up)")
+    parser.add_argument("--global-batch", type=int, default=None, help="pairs a step for every smolbox variant")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--cpu", action="store_true", help="smoke test on CPU (fp32, no bf16)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.root, args.steps, args.workdir, args.cpu)
+        child(args.child, args.root, args.steps, args.workdir, args.cpu, args.global_batch)
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         for name in args.variants:
-            cmd = [sys.executable, "-m", "bench.train_bench", "--child", name, "--root", str(args.root),
-                   "--steps", str(args.steps), "--workdir", tmp] + (["--cpu"] if args.cpu else [])
+            world = int(name.split("@")[1]) if "@" in name else 1
+            launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                            "--nproc_per_node", str(world)]
+            cmd = [*launcher, "-m", "bench.train_bench", "--child", name, "--root", str(args.root), "--steps",
+                   str(args.steps), "--workdir", tmp] + (["--cpu"] if args.cpu else [])
+            cmd += ["--global-batch", str(args.global_batch)] if args.global_batch else []
             print(f"=== {name}", flush=True)
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -39,23 +39,15 @@ def main() -> None:
                 torch.cuda.synchronize()
                 state["prof"].__exit__(None, None, None)
 
-    build = train_mod._build_trainer
-
-    def with_profile(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(Profile())
-        return trainer
-
-    train_mod._build_trainer = with_profile
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, overrides={
             "model.id": str(args.root / "model"), "data.id": str(args.root / "data"), "data.train_split": "train",
             "data.eval_split": None, "data.num_proc": 1, "train.max_steps": 4, "train.logging_steps": 1,
-            "train.save_steps": 100000, "train.gradient_accumulation_steps": 1,
+            "train.save_steps": 100000, "train.global_batch_size": args.micro_batch,
             "train.per_device_train_batch_size": args.micro_batch, "train.dataloader_num_workers": args.workers,
             "run.output_dir": tmp, "run.name": "profile", "run.min_free_disk_gb": 0,
         }, env={}, dotenv=None)
-        train_mod.train(cfg)
+        train_mod.train(cfg, callbacks=[Profile()])
     averages = state["prof"].key_averages()
     text = (f"2 optimizer steps of {args.micro_batch} pairs ({args.config}, workers {args.workers})\n"
             + averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)

@@ -73,14 +73,17 @@ def _verify(cfg) -> int:
 
 
 def _train(cfg) -> int:
+    from .distributed import world
     from .train import RunError, train
 
     try:
         result = train(cfg)
     except RunError as exc:
-        print(f"smolbox: {exc}", file=sys.stderr)
+        if world().is_main:
+            print(f"smolbox: {exc}", file=sys.stderr)
         return BLOCKED_EXIT
-    print(f"adapter: {result.adapter_dir}\nmanifest: {result.run_dir / 'manifest.json'}")
+    if world().is_main:
+        print(f"adapter: {result.adapter_dir}\nmanifest: {result.run_dir / 'manifest.json'}")
     return 0
 
 

@@ -72,9 +72,13 @@ class TrainConfig(_Section):
 
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate")
     beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference model")
-    per_device_train_batch_size: int = Field(1, gt=0, description="Pairs per micro-batch per GPU")
+    global_batch_size: int = Field(
+        32, gt=0, description="Pairs per optimizer step over all GPUs; accumulation is derived from it and the number "
+                              "of processes, so 1 or 8 GPUs take the same steps on the same data")
+    per_device_train_batch_size: int = Field(
+        1, gt=0, description="Largest micro-batch per GPU (pairs); the largest divisor of global_batch_size / processes "
+                             "up to this is used")
     per_device_eval_batch_size: int = Field(1, gt=0, description="Pairs per evaluation batch per GPU")
-    gradient_accumulation_steps: int = Field(32, gt=0, description="Micro-batches per optimizer step")
     num_train_epochs: float = Field(5.0, gt=0, description="Passes over the training split")
     max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name (linear, cosine, constant, ...)")
@@ -89,8 +93,13 @@ class TrainConfig(_Section):
     save_steps: int = Field(500, gt=0, description="Optimizer steps between checkpoints")
     save_total_limit: int | None = Field(3, description="Keep the last K checkpoints; None keeps all")
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the training process)")
+    pack_pairs: bool = Field(True, description="Each pair as one packed row: the image encoded and the prompt computed once "
+                                               "(same function as TRL's two rows per pair; sdpa/eager attention only)")
     precompute_ref_logps: bool = Field(False, description="Reference log-probs in one pass before training instead of in every step (the reference is fixed: same loss)")
     seed: int = Field(42, description="Seed for weights init, data order and sampling")
+    ddp_timeout_s: int = Field(
+        1800, gt=0, description="Several processes: how long a collective may wait before the job fails (a dead "
+                                "process on another host ends the others after this); must exceed the first data preparation")
 
 
 class RunConfig(_Section):
@@ -181,13 +190,35 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def fingerprint(self) -> str:
-        """Hash of everything that shapes the trained weights; resume-only settings are left out."""
-        data = self.to_dict()
-        data["run"] = {k: v for k, v in data["run"].items() if k not in {"resume", "min_free_disk_gb", "hf_cache"}}
-        data["data"].pop("num_proc", None)
-        data.pop("export", None)  # export and serve settings do not change the trained weights
-        data.pop("serve", None)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the settings that shape the trained weights (WEIGHT_KEYS); see weight_settings."""
+        return hashlib.sha256(json.dumps(self.weight_settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def weight_settings(self) -> dict[str, Any]:
+        """{dotted key: value} for every key of WEIGHT_KEYS: what a resumed run must share with the run it resumes."""
+        return {key: get_dotted(self.to_dict(), key) for key in WEIGHT_KEYS}
+
+
+def get_dotted(tree: dict, dotted: str) -> Any:
+    section, field = dotted.split(".")
+    return tree.get(section, {}).get(field)
+
+
+# What shapes the trained weights, and so the run fingerprint: a run folder is resumed only with these unchanged.
+# Everything else may change between a crash and its resume: where files go and how often to log, evaluate and
+# save; how the work is split (micro-batch, number of processes, loader workers); switches that compute the same
+# function another way (attention kernel, fused DoRA, checkpointing, precomputed reference log-probs); and export
+# and serve settings. The run's length (LENGTH_KEYS) is compared on its own: raising it continues a run.
+# tests/test_config.py classifies every field, so a new field must be placed in one of these lists.
+WEIGHT_KEYS = (
+    "model.id", "model.revision", "model.dtype",
+    "quant.load_in_4bit", "quant.quant_type", "quant.double_quant", "quant.compute_dtype",
+    "adapter.r", "adapter.alpha", "adapter.dropout", "adapter.use_dora", "adapter.init_lora_weights",
+    "adapter.target_modules",
+    "data.id", "data.revision", "data.train_split", "data.image_max_size", "data.max_image_pixels", "data.on_bad_row",
+    "train.learning_rate", "train.beta", "train.global_batch_size", "train.lr_scheduler_type", "train.warmup_steps",
+    "train.weight_decay", "train.max_grad_norm", "train.max_length", "train.bf16", "train.seed",
+)
+LENGTH_KEYS = ("train.num_train_epochs", "train.max_steps")
 
 
 SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in Config.model_fields.items()}

@@ -26,33 +26,48 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
 
 
-def completion_logps(model, batch: dict) -> torch.Tensor:
+def completion_logps(model, batch: dict, pack: bool = True) -> torch.Tensor:
     """Sum of log-probs of the completion tokens of every row, [2B].
 
-    Runs the backbone, then the LM head on completion positions only: full-vocabulary logits for every
-    position of a ~1,200-token image prompt would cost gigabytes and are never used. When the chosen and
-    rejected rows of each pair share their prompt and images (TRL's collator builds them so), the pair runs as
-    one packed row (see `pack_pairs`): the image is encoded and the prompt computed once instead of twice.
+    The model's own forward runs (through DistributedDataParallel when training on several processes: DDP only
+    reduces gradients of a forward it ran), with `logits_to_keep` selecting the completion positions, so the LM
+    head projects only those: full-vocabulary logits for every position of a ~1,200-token image prompt would cost
+    gigabytes and are never used. When the chosen and rejected rows of each pair share their prompt and images
+    (TRL's collator builds them so), the pair runs as one packed row (see `pack_pairs`; `pack=False` keeps TRL's
+    two rows): the image is encoded and the prompt computed once instead of twice.
     """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    packed = pack_pairs(batch, lm.config)
+    lm = base_model(model)
+    packed = pack_pairs(batch, lm.config) if pack else None
     if packed is None:
         inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-        hidden = lm.model(**inputs, use_cache=False).last_hidden_state  # [2B, T, H]
         scored = batch["completion_mask"][:, 1:].bool()  # position t predicts token t+1
-        rows = torch.nonzero(scored, as_tuple=True)[0]
-        picked = hidden[:, :-1][scored]  # [N, H]
+        keep = F.pad(scored, (0, 1))
         targets = batch["input_ids"][:, 1:][scored]
-        n_rows = hidden.shape[0]
+        rows = torch.nonzero(scored, as_tuple=True)[0]
+        n_rows, picks = keep.shape[0], None
     else:
-        hidden = lm.model(**packed.model_inputs, use_cache=False).last_hidden_state  # [B, T', H]
-        picked = hidden[packed.source_rows, packed.source_cols]  # [N, H]
-        targets, rows, n_rows = packed.targets, packed.rows, 2 * hidden.shape[0]
-    lm_head = lm.get_output_embeddings()
-    with torch.autocast(picked.device.type, enabled=False):
-        logits = lm_head(picked.to(lm_head.weight.dtype)).float()
-    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)
+        inputs, targets, rows, n_rows = packed.model_inputs, packed.targets, packed.rows, 2 * packed.model_inputs["input_ids"].shape[0]
+        keep = torch.zeros(packed.model_inputs["input_ids"].shape, dtype=torch.bool, device=targets.device)
+        keep[packed.source_rows, packed.source_cols] = True
+        # The model returns the kept positions in row-major order; a pair's last prompt position predicts both its
+        # first chosen and its first rejected token, so map every (row, column) to its place in that order.
+        order = keep.flatten().cumsum(0) - 1
+        picks = order[packed.source_rows * keep.shape[1] + packed.source_cols]
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [kept positions, vocab]
+    logps = F.log_softmax(logits.float(), dim=-1)
+    token_logps = logps[torch.arange(len(targets), device=targets.device) if picks is None else picks, targets]
     return torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+
+
+def unwrap(model):
+    """The trained module inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def base_model(model):
+    """The transformers model under the DDP and peft wrappers (its config, its adapters switched off or not)."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @dataclass
@@ -148,11 +163,12 @@ def pack_pairs(batch: dict, config) -> PackedPairs | None:
     return PackedPairs(inputs, as_tensor(src_cols), as_tensor(src_rows), torch.cat(targets), as_tensor(out_rows))
 
 
-def reference_logps(model, batch: dict) -> torch.Tensor:
+def reference_logps(model, batch: dict, pack: bool = True) -> torch.Tensor:
     """Log-probs under the reference policy: the same peft model with its adapters switched off."""
-    disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    peft_model = unwrap(model)
+    disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
     with torch.no_grad(), disabled:
-        return completion_logps(model, batch)
+        return completion_logps(model, batch, pack)
 
 
 def sigmoid_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,12 +178,12 @@ def sigmoid_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> 
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def dpo_step(model, batch: dict, beta: float) -> DPOOutput:
+def dpo_step(model, batch: dict, beta: float, pack: bool = True) -> DPOOutput:
     if REF_KEYS[0] in batch:  # precomputed (SmolboxDPOTrainer.precompute_reference_logps)
         reference = torch.cat([batch[key] for key in REF_KEYS])
     else:
-        reference = reference_logps(model, batch)
-    policy = completion_logps(model, batch)
+        reference = reference_logps(model, batch, pack)
+    policy = completion_logps(model, batch, pack)
     reference = reference.to(policy.device, policy.dtype)
     loss, chosen_rewards, rejected_rewards = sigmoid_loss(policy, reference, beta)
     chosen, rejected = policy.detach().chunk(2)

@@ -8,13 +8,15 @@ import time
 import torch
 from trl import DPOTrainer
 
-from . import dpo
+from . import distributed, dpo
 from .dpo import REF_KEYS
 
 
 class SmolboxDPOTrainer(DPOTrainer):
+    pack_pairs = True  # each pair as one packed row (smolbox.dpo.pack_pairs); train.pack_pairs sets it
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = dpo.dpo_step(model, inputs, self.beta)
+        out = dpo.dpo_step(model, inputs, self.beta, self.pack_pairs)
         mode = "train" if model.training else "eval"
         metrics = self._metrics[mode]
         gather = self.accelerator.gather_for_metrics
@@ -31,28 +33,36 @@ class SmolboxDPOTrainer(DPOTrainer):
         dataset columns, so training steps skip the reference forward (a quarter of a step's compute) in every
         epoch. The reference policy is fixed, so the loss is the same function. Returns the seconds it took, and
         those of its first batch (loader start and warm-up, which a longer data set does not repeat).
-        (TRL's own precompute_ref_log_probs refuses vision data sets.)"""
+        (TRL's own precompute_ref_log_probs refuses vision data sets.)
+
+        With several processes, batch b of the pass (the same batches as on one process) runs on process
+        b mod N, and the values are gathered so that every process holds all of them."""
         started = time.perf_counter()
+        size = self.args.per_device_eval_batch_size
+        n_batches = -(-len(self.train_dataset) // size)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine = list(range(rank, n_batches, world))
+        rows = [i for b in mine for i in range(b * size, min((b + 1) * size, len(self.train_dataset)))]
         loader = torch.utils.data.DataLoader(
-            self.train_dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+            torch.utils.data.Subset(self.train_dataset, rows), batch_size=size, shuffle=False,
             collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
         model = self.model
         was_training = model.training
         model.eval()
-        chosen, rejected = [], []
+        values = {}  # batch index -> (chosen, rejected) log-probs
         first_batch_s = 0.0
         with self.accelerator.autocast():
-            for batch in loader:
+            for b, batch in zip(mine, loader):
                 batch = self._prepare_inputs(batch)
-                logps = dpo.reference_logps(model, batch).float().cpu()
-                c, r = logps.chunk(2)
-                chosen.append(c)
-                rejected.append(r)
+                logps = dpo.reference_logps(model, batch, self.pack_pairs).float().cpu()
+                values[b] = tuple(half.tolist() for half in logps.chunk(2))
                 first_batch_s = first_batch_s or time.perf_counter() - started
         model.train(was_training)
+        for part in distributed.gather(values):
+            values.update(part)
         dataset = self.train_dataset
-        for key, values in zip(REF_KEYS, (torch.cat(chosen), torch.cat(rejected))):
-            dataset = dataset.add_column(key, values.tolist())
+        for i, key in enumerate(REF_KEYS):
+            dataset = dataset.add_column(key, [v for b in range(n_batches) for v in values[b][i]])
         self.train_dataset = dataset
         self.data_collator = _WithReferenceLogps(self.data_collator)
         return time.perf_counter() - started, first_batch_s

@@ -189,8 +189,104 @@ def _check_gpu(t: _Target) -> Check:
     return Check(
         "gpu", "ok",
         f"{props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability {props.major}.{props.minor}"
-        + (f" ({count} GPUs, training uses cuda:0)" if count > 1 else ""),
+        + (f" ({count} GPUs: the train entrypoint runs one process on each)" if count > 1 else ""),
     )
+
+
+# ---- several GPUs and hosts (docs/distributed.md) -------------------------------------------------------------
+# The train entrypoint (entrypoints/train) starts SMOLBOX_NPROC_PER_NODE processes (default: every GPU it sees) on
+# each of SMOLBOX_NNODES hosts; compose reserves SMOLBOX_GPU_COUNT GPUs. These checks read the same variables.
+
+MIN_SHM_BYTES = 1 << 30  # NCCL's shared-memory transport and DataLoader workers; Docker's default is 64 MiB
+
+
+def _planned_processes(t: _Target) -> tuple[int, int]:
+    """(processes on this host, hosts) that the train entrypoint would start here."""
+    import torch
+
+    visible = torch.cuda.device_count() if t.has_gpu and t.device == "cuda" else 0
+    local = int(os.environ.get("SMOLBOX_NPROC_PER_NODE") or max(visible, 1))
+    return local, int(os.environ.get("SMOLBOX_NNODES") or 1)
+
+
+def _check_gpu_count(t: _Target) -> Check:
+    import torch
+
+    requested = os.environ.get("SMOLBOX_GPU_COUNT", "")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not requested.isdigit():
+        return Check("gpu count", "ok" if visible or t.device == "cpu" else "skip",
+                     f"{visible} GPU(s) visible" + (" (SMOLBOX_GPU_COUNT=all)" if requested == "all" else ""))
+    if visible < int(requested):
+        return Check("gpu count", "fail", f"SMOLBOX_GPU_COUNT={requested} but this machine (or container) sees {visible}",
+                     "check `nvidia-smi` and the NVIDIA container toolkit (docker info | grep -i nvidia), that no other "
+                     "job holds the GPUs, or lower SMOLBOX_GPU_COUNT")
+    return Check("gpu count", "ok", f"{visible} GPU(s) visible, {requested} requested")
+
+
+def _check_global_batch(t: _Target) -> Check:
+    from .train import RunError, plan_batches
+
+    local, nodes = _planned_processes(t)
+    try:
+        plan = plan_batches(t.cfg.train, local * nodes)
+    except RunError as exc:
+        return Check("global batch", "fail", str(exc), "set train.global_batch_size to a multiple of the number of processes, "
+                     "or change SMOLBOX_NPROC_PER_NODE / the GPUs reserved")
+    return Check("global batch", "ok", f"{plan.pairs_per_step} pairs a step = {plan.processes} process(es) x micro-batch "
+                 f"{plan.micro_batch} x accumulation {plan.accumulation}")
+
+
+def _check_nccl(t: _Target) -> Check:
+    import torch
+
+    local, nodes = _planned_processes(t)
+    if t.device != "cuda" or local * nodes == 1:
+        return Check("nccl", "skip", "one process: no collective communication")
+    if not (torch.distributed.is_available() and torch.distributed.is_nccl_available()):
+        return Check("nccl", "fail", "this torch build has no NCCL backend", "install the CUDA build of torch from the lock")
+    version = ".".join(map(str, torch.cuda.nccl.version()))
+    return Check("nccl", "ok", f"NCCL {version} for {local * nodes} processes on {nodes} host(s)")
+
+
+def _check_shm(t: _Target, path: str = "/dev/shm") -> Check:
+    local, _ = _planned_processes(t)
+    workers = t.cfg.train.dataloader_num_workers
+    if local == 1 and workers == 0:
+        return Check("shared memory", "skip", "one process and no loader workers")
+    size = shutil.disk_usage(path).total if os.path.isdir(path) else 0
+    users = ", ".join(u for u, on in (("NCCL between GPUs", local > 1), (f"{workers} loader workers", workers > 0)) if on)
+    if size < MIN_SHM_BYTES:
+        return Check("shared memory", "fail", f"{path} holds {size / 2**20:.0f} MiB; {users} need at least "
+                     f"{MIN_SHM_BYTES >> 30} GiB", "give the container more: compose's shm_size (16gb in compose.yaml), "
+                     "`docker run --shm-size 16g` or `--ipc host`; on Kubernetes an emptyDir with medium: Memory at /dev/shm")
+    return Check("shared memory", "ok", f"{path}: {size / 2**30:.1f} GiB ({users})")
+
+
+def _check_rendezvous(t: _Target) -> Check:
+    import socket
+
+    nodes = int(os.environ.get("SMOLBOX_NNODES") or 1)
+    if nodes == 1:
+        return Check("rendezvous", "skip", "one host")
+    host, port = os.environ.get("SMOLBOX_RDZV_HOST", ""), int(os.environ.get("SMOLBOX_RDZV_PORT") or 29500)
+    rank = os.environ.get("SMOLBOX_NODE_RANK", "")
+    if not host or not rank.isdigit() or int(rank) >= nodes:
+        return Check("rendezvous", "fail", f"SMOLBOX_NNODES={nodes} with SMOLBOX_RDZV_HOST={host!r}, SMOLBOX_NODE_RANK={rank!r}",
+                     "set SMOLBOX_RDZV_HOST to the address of the first host and SMOLBOX_NODE_RANK to this host's index (0..NNODES-1)")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return Check("rendezvous", "fail", f"{host} does not resolve: {exc}", "use an IP address or a name every host resolves")
+    if int(rank) == 0:
+        return Check("rendezvous", "ok", f"host 0 of {nodes}: the others meet this host at {host}:{port}")
+    try:
+        with socket.create_connection((host, port), timeout=t.timeout_s):
+            return Check("rendezvous", "ok", f"host {rank} of {nodes}: {host}:{port} answers")
+    except OSError as exc:
+        return Check("rendezvous", "warn", f"{host}:{port} does not answer ({_brief(exc)})",
+                     "start the job on host 0 first (the others wait for it up to 10 minutes), and open the port between "
+                     "the hosts (the containers need host networking: docs/distributed.md)")
 
 
 def _check_bf16(t: _Target) -> Check:
@@ -464,6 +560,11 @@ _CHECKS: list[tuple[str, Callable[[_Target], Check], str]] = [
     ("cuda", _check_cuda, "reinstall torch, or set run.device=cpu"),
     ("driver", _check_driver, "make `nvidia-smi` work (reinstall the NVIDIA driver), or set run.device=cpu"),
     ("gpu", _check_gpu, "check the GPU with `nvidia-smi`, or set run.device=cpu"),
+    ("gpu count", _check_gpu_count, "check the GPUs with `nvidia-smi`"),
+    ("global batch", _check_global_batch, "set train.global_batch_size to a multiple of the number of processes"),
+    ("nccl", _check_nccl, "install the CUDA build of torch from the lock"),
+    ("shared memory", _check_shm, "give the container a larger /dev/shm (compose shm_size)"),
+    ("rendezvous", _check_rendezvous, "check SMOLBOX_RDZV_HOST / SMOLBOX_RDZV_PORT"),
     ("bf16", _check_bf16, "set train.bf16=false and use float32/float16 dtypes"),
     ("bitsandbytes 4-bit", _check_bitsandbytes, _BNB_FIX),
     ("attention", _check_attention, "set model.attn_implementation=sdpa"),

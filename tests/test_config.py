@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from smolbox.config import CONFIG_DIR, ConfigError, load_config, parse_scalar, read_dotenv
+from smolbox.config import CONFIG_DIR, LENGTH_KEYS, WEIGHT_KEYS, ConfigError, cli_fields, load_config, parse_scalar, read_dotenv
 
 RECIPE_TARGETS = ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"]
 
@@ -18,7 +18,8 @@ def test_seed_config_is_the_reference_recipe():
     assert (cfg.data.id, cfg.data.train_split, cfg.data.eval_split) == ("HuggingFaceH4/rlaif-v_formatted", "train[:6%]", "test[:1%]")
     assert cfg.data.image_max_size == 512
     t = cfg.train
-    assert (t.per_device_train_batch_size, t.per_device_eval_batch_size, t.gradient_accumulation_steps) == (1, 1, 32)
+    # the recipe's micro-batch 1 x accumulation 32 on one GPU
+    assert (t.global_batch_size, t.per_device_train_batch_size, t.per_device_eval_batch_size) == (32, 1, 1)
     assert t.num_train_epochs == 5 and t.max_steps == -1
     assert (t.bf16, t.gradient_checkpointing, t.logging_steps) == (True, True, 10)
     # TRL 1.16 / Trainer defaults the recipe leaves alone
@@ -97,10 +98,43 @@ def test_cli_flags_mirror_the_schema(capsys):
     assert "train.seed" in capsys.readouterr().err
 
 
-def test_fingerprint_ignores_resume_but_not_training_values():
+# Every setting that does not shape the trained weights, with another value: changing it must not stop a resume.
+NOT_WEIGHTS = {
+    "model.attn_implementation": "eager", "adapter.fused_dora": False, "data.eval_split": None, "data.num_proc": 2,
+    "train.per_device_train_batch_size": 1, "train.per_device_eval_batch_size": 1, "train.gradient_checkpointing": True,
+    "train.logging_steps": 5, "train.eval_steps": 3, "train.save_steps": 7, "train.save_total_limit": None,
+    "train.dataloader_num_workers": 2, "train.precompute_ref_logps": True, "train.pack_pairs": False, "train.ddp_timeout_s": 60,
+    "run.name": "elsewhere", "run.output_dir": "/somewhere/else", "run.device": "auto", "run.resume": "never",
+    "run.hf_cache": "/cache", "run.min_free_disk_gb": 1.0,
+}
+
+
+@pytest.mark.parametrize("key", sorted(NOT_WEIGHTS))
+def test_fingerprint_leaves_out_settings_that_do_not_shape_the_weights(key):
     base = load_config("tiny", env={}, dotenv=None)
-    assert load_config("tiny", overrides={"run.resume": "never"}, env={}, dotenv=None).fingerprint() == base.fingerprint()
-    assert load_config("tiny", overrides={"train.learning_rate": 1.0}, env={}, dotenv=None).fingerprint() != base.fingerprint()
+    changed = load_config("tiny", overrides={key: NOT_WEIGHTS[key]}, env={}, dotenv=None)
+    assert changed.to_dict() != base.to_dict()
+    assert changed.fingerprint() == base.fingerprint()
+
+
+@pytest.mark.parametrize("key", WEIGHT_KEYS)
+def test_fingerprint_covers_every_weight_setting(key):
+    base = load_config("tiny", env={}, dotenv=None)
+    section, field = key.split(".")
+    value = getattr(getattr(base, section), field)
+    other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 1.5 + 0.05, str: lambda v: v + "x",
+             list: lambda v: v[:1], type(None): lambda v: 512 if key == "train.max_length" else "v2"}[type(value)](value)
+    other = {"quant.quant_type": "fp4", "model.dtype": "bfloat16", "quant.compute_dtype": "bfloat16",
+             "adapter.init_lora_weights": "default", "data.on_bad_row": "fail"}.get(key, other)
+    changed = load_config("tiny", overrides={key: other}, env={}, dotenv=None)
+    assert changed.fingerprint() != base.fingerprint()
+
+
+def test_every_field_is_weight_setting_length_or_not_weights():
+    """A new config field must be placed: in WEIGHT_KEYS, LENGTH_KEYS or the list above (export and serve never count)."""
+    fields = {dotted for dotted, _ in cli_fields() if not dotted.startswith(("export.", "serve."))}
+    assert fields == set(WEIGHT_KEYS) | set(LENGTH_KEYS) | set(NOT_WEIGHTS)
+    assert not set(WEIGHT_KEYS) & set(NOT_WEIGHTS)
 
 
 def test_read_dotenv_rejects_garbage(tmp_path):

@@ -7,7 +7,7 @@ from trl import DPOConfig, DPOTrainer
 
 from smolbox import dpo, tiny
 from smolbox.config import load_config
-from smolbox.train import _build_trainer, load_model
+from smolbox.train import build_trainer, load_model
 
 
 # Un-quantized, the two paths agree to fp32 rounding. Through bitsandbytes' 4-bit CPU kernels, 1e-7 differences
@@ -24,7 +24,7 @@ def trainer_and_batch(request, tiny_bundle, tmp_path_factory):
     processor = AutoProcessor.from_pretrained(model_path)
     rows = datasets.load_dataset(tiny.resolve(cfg.data.id, "data"), split="train[:4]")
     model = load_model(cfg, "cpu", "sdpa", model_path)
-    trainer = _build_trainer(cfg, tmp_path_factory.mktemp("run"), "cpu", model, processor, rows, None)
+    trainer = build_trainer(cfg, tmp_path_factory.mktemp("run"), "cpu", model, processor, rows, None)
     # Move the adapters away from their zero-B start, so policy != reference and every LoRA/DoRA tensor gets a gradient
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_trl_config_defaults_we_rely_on():
     assert args.ld_alpha is None and not args.use_weighting
 
 
-def test_pairs_are_packed_and_give_the_unpacked_log_probs(trainer_and_batch, monkeypatch):
+def test_pairs_are_packed_and_give_the_unpacked_log_probs(trainer_and_batch):
     """TRL's batch repeats each pair's prompt and image; smolbox runs a pair as one packed row. Same numbers."""
     trainer, batch, _ = trainer_and_batch
     model = trainer.model
@@ -99,9 +99,7 @@ def test_pairs_are_packed_and_give_the_unpacked_log_probs(trainer_and_batch, mon
     assert packed.targets.numel() == int(batch["completion_mask"].sum())
     with torch.no_grad():
         ours = dpo.completion_logps(model, dict(batch))
-        monkeypatch.setattr(dpo, "PACKABLE_ATTENTION", set())
-        assert dpo.pack_pairs(dict(batch), model.get_base_model().config) is None
-        unpacked = dpo.completion_logps(model, dict(batch))
+        unpacked = dpo.completion_logps(model, dict(batch), pack=False)
     torch.testing.assert_close(ours, unpacked, rtol=1e-5, atol=1e-4)
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from smolbox.config import load_config
-from smolbox.train import COMPLETE_MARKER, RunError, train
+from smolbox.train import COMPLETE_MARKER, RunError, plan_batches, train
 
 STEPS = 24
 SAVE_EVERY = 4
@@ -153,7 +153,7 @@ def test_explicit_resume_from_a_checkpoint(runs, reference_run):
 
 
 def test_run_dir_of_another_config_is_refused(runs, reference_run):
-    with pytest.raises(RunError, match="different config"):
+    with pytest.raises(RunError, match=r"train.learning_rate is 0.5 now, 0.002 there"):
         train(tiny_cfg(runs, "reference", **{"train.learning_rate": 0.5}))
     with pytest.raises(RunError, match="resume=never"):
         train(tiny_cfg(runs, "reference", **{"run.resume": "never"}))
@@ -164,4 +164,33 @@ def test_run_dir_of_another_config_is_refused(runs, reference_run):
 def test_cli_refusal_exits_non_zero(runs, reference_run):
     args = cli_args(runs, "reference") + ["--train.learning_rate", "0.5"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "different config" in result.stderr
+    assert result.returncode == 2 and "train.learning_rate is 0.5 now" in result.stderr
+
+
+def test_a_completed_run_is_left_untouched(runs, reference_run, capsys):
+    run_dir = reference_run.run_dir
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = train(tiny_cfg(runs, "reference", **{"train.logging_steps": 4, "run.min_free_disk_gb": 0}))
+    assert again.global_step == STEPS and again.resumed_from is None
+    assert "is complete (24 optimizer steps); nothing to do" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_continuing_a_completed_run_is_stated_in_the_log(runs):
+    short = {"data.eval_split": None, "train.max_steps": 4}
+    assert train(tiny_cfg(runs, "continued", **short)).global_step == 4
+    longer = train(tiny_cfg(runs, "continued", **{**short, "train.max_steps": 6}))
+    assert longer.global_step == 6 and longer.resumed_from.endswith("checkpoint-4")
+    log = (longer.run_dir / "train.log").read_text()
+    assert "with a new length (train.max_steps 4 -> 6)" in log
+
+
+@pytest.mark.parametrize("processes, micro, accumulation", [(1, 2, 2), (2, 2, 1), (4, 1, 1)])
+def test_global_batch_is_split_over_processes(processes, micro, accumulation):
+    plan = plan_batches(tiny_cfg(Path("."), "x").train, processes)
+    assert (plan.micro_batch, plan.accumulation, plan.pairs_per_step) == (micro, accumulation, 4)
+
+
+def test_a_global_batch_that_does_not_split_is_refused():
+    with pytest.raises(RunError, match="cannot be split evenly over 3 processes: use 1, 2, 4 GPUs"):
+        plan_batches(tiny_cfg(Path("."), "x").train, 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import shutil
 import socket
 import time
 
@@ -18,7 +19,8 @@ from smolbox.env import package_versions
 from smolbox.verify import Check, verify
 
 NAMES = [
-    "python", "torch", "cuda", "driver", "gpu", "bf16", "bitsandbytes 4-bit", "attention", "disk", "hf cache",
+    "python", "torch", "cuda", "driver", "gpu", "gpu count", "global batch", "nccl", "shared memory", "rendezvous",
+    "bf16", "bitsandbytes 4-bit", "attention", "disk", "hf cache",
     "model", "data set", "lock",
 ]
 HUB_MODEL = "HuggingFaceTB/SmolVLM-Instruct"
@@ -238,3 +240,53 @@ def test_check_needs_a_fix_when_it_warns_or_fails():
     with pytest.raises(ValueError):
         Check("x", "bad", "detail", "fix")
     assert Check("x", "ok", "two\nlines").detail == "two lines"
+
+
+# ---- several GPUs and hosts: the variables the train entrypoint reads -----------------------------------------
+
+
+@no_gpu
+def test_requested_gpus_that_are_not_visible_fail(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLBOX_GPU_COUNT", "2")
+    c = check(verify(tiny_cfg(tmp_path, {"run.device": "auto"})), "gpu count")
+    assert c.status == "fail" and "SMOLBOX_GPU_COUNT=2 but this machine (or container) sees 0" in c.detail
+    assert "nvidia-smi" in c.fix
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLBOX_NPROC_PER_NODE", "3")
+    c = check(verify(tiny_cfg(tmp_path)), "global batch")
+    assert c.status == "fail" and "cannot be split evenly over 3 processes" in c.detail
+    monkeypatch.setenv("SMOLBOX_NPROC_PER_NODE", "2")
+    c = check(verify(tiny_cfg(tmp_path)), "global batch")
+    assert c.status == "ok" and c.detail == "4 pairs a step = 2 process(es) x micro-batch 2 x accumulation 1"
+
+
+def test_shared_memory_is_checked_where_processes_or_workers_use_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLBOX_NPROC_PER_NODE", "2")
+    target = verify_module._Target(tiny_cfg(tmp_path), "cpu", False, 1.0, None)
+    c = verify_module._check_shm(target)  # this machine's /dev/shm
+    assert c.status == ("ok" if shutil.disk_usage("/dev/shm").total >= verify_module.MIN_SHM_BYTES else "fail")
+    c = verify_module._check_shm(target, str(tmp_path / "absent"))
+    assert c.status == "fail" and "NCCL between GPUs" in c.detail and "shm_size" in c.fix
+    monkeypatch.setenv("SMOLBOX_NPROC_PER_NODE", "1")
+    assert verify_module._check_shm(target, str(tmp_path / "absent")).status == "skip"
+
+
+def test_rendezvous_endpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLBOX_NNODES", "2")
+    c = check(verify(tiny_cfg(tmp_path)), "rendezvous")
+    assert c.status == "fail" and "SMOLBOX_RDZV_HOST" in c.fix
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        monkeypatch.setenv("SMOLBOX_RDZV_HOST", "127.0.0.1")
+        monkeypatch.setenv("SMOLBOX_RDZV_PORT", str(port))
+        monkeypatch.setenv("SMOLBOX_NODE_RANK", "1")
+        c = check(verify(tiny_cfg(tmp_path)), "rendezvous")
+        assert c.status == "ok" and f"127.0.0.1:{port} answers" in c.detail
+    c = check(verify(tiny_cfg(tmp_path)), "rendezvous")  # the listener is gone
+    assert c.status == "warn" and "start the job on host 0 first" in c.fix
+    monkeypatch.setenv("SMOLBOX_RDZV_HOST", "no-such-host.invalid")
+    assert check(verify(tiny_cfg(tmp_path)), "rendezvous").status == "fail"
