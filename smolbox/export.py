@@ -110,6 +110,7 @@ def export(cfg: Config) -> ExportResult:
                     for graph in GRAPHS:
                         for path in (graph_path(work, graph, "fp16"), graph_path(work, graph, "fp16").with_suffix(".onnx_data")):
                             path.unlink(missing_ok=True)
+        write_client_config(work, variants)
         with progress("parity"):
             parity = check_parity(cpu_model, processor, work, cfg, device)
         write_json_atomic(work / "parity.json", parity)
@@ -200,6 +201,27 @@ def save_processor_files(processor, folder: Path) -> None:
     tokenizer_config.update(chat_template=template, processor_class="Idefics3Processor")
     _write_json(folder / "tokenizer_config.json", tokenizer_config)
     _write_json(folder / "chat_template.json", {"chat_template": template})
+
+
+def write_client_config(folder: Path, variants: list[str]) -> None:
+    """config.json's "transformers.js_config", read from the written graphs: `kv_cache_dtype` per dtype whose decoder
+    keeps a float16 cache (transformers.js 3.x sizes the empty first-step cache from it; 4.x reads the graph), and
+    `use_external_data_format` for every graph with an .onnx_data file (browsers fetch only the files listed).
+    Our variant names are transformers.js's dtype names (runtime.VARIANT_SUFFIX). Hints a source config carried
+    for other files are dropped: they would describe files that are not here."""
+    cache, external = {}, {}
+    for variant in variants:
+        for graph in GRAPHS:
+            path = graph_path(folder, graph, variant)
+            if path.with_name(path.name + "_data").is_file():
+                external[path.name] = 1
+        decoder = onnx.load(str(graph_path(folder, "decoder_model_merged", variant)), load_external_data=False)
+        past = next(i for i in decoder.graph.input if i.name.startswith("past_key_values."))
+        if past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            cache[variant] = "float16"
+    config = json.loads((folder / "config.json").read_text())
+    config["transformers.js_config"] = {"kv_cache_dtype": cache, "use_external_data_format": external}
+    _write_json(folder / "config.json", config)
 
 
 # ---- ONNX graphs ----------------------------------------------------------------------------------------------
@@ -295,7 +317,7 @@ def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32", fused_d
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[variant]
     if variant != "fp32":
         model = copy.deepcopy(model).to(dtype)
-    path = lambda graph: graph_path(onnx_dir.parent, graph, variant)  # noqa: E731
+    save = lambda proto, graph: save_onnx(published_io(proto), graph_path(onnx_dir.parent, graph, variant))  # noqa: E731
     inputs = _parity_inputs(processor, 1)[0]
     text = model.config.text_config
     layers, hidden = text.num_hidden_layers, text.hidden_size
@@ -304,16 +326,16 @@ def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32", fused_d
     float_type = np.float16 if variant == "fp16" else np.float32  # of the fused graphs
 
     if fused_vision:
-        save_onnx(onnx_vision.build_vision_encoder(model, float_type), path("vision_encoder"))
+        save(onnx_vision.build_vision_encoder(model, float_type), "vision_encoder")
     else:
-        export_traced_vision(model, inputs["pixel_values"].to(dtype), inputs["pixel_attention_mask"].bool(), path("vision_encoder"))
+        save(traced_vision(model, inputs["pixel_values"].to(dtype), inputs["pixel_attention_mask"].bool()), "vision_encoder")
 
     input_ids = inputs["input_ids"]
-    _export(TokenEmbeddings(model), (input_ids,), path("embed_tokens"), ["input_ids"], ["inputs_embeds"],
-            {"input_ids": {0: "batch_size", 1: "sequence_length"}})
+    save(_export(TokenEmbeddings(model), (input_ids,), ["input_ids"], ["inputs_embeds"],
+                 {"input_ids": {0: "batch_size", 1: "sequence_length"}}), "embed_tokens")
 
     if fused_decoder:
-        save_onnx(onnx_decoder.build_decoder(model, float_type), path("decoder_model_merged"))
+        save(onnx_decoder.build_decoder(model, float_type), "decoder_model_merged")
         return
     # Trace with a non-empty past (torch.export specializes sizes 0 and 1); the graph also runs with past length 0.
     batch, new, past_len = 2, 3, 2
@@ -324,20 +346,72 @@ def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32", fused_d
     names = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     seq = Dim("sequence_length")
     bsz = Dim("batch_size")
-    _export(DecoderWithCache(model), (embeds, mask, positions, past), path("decoder_model_merged"),
-            ["inputs_embeds", "attention_mask", "position_ids", *[f"past_key_values.{n}" for n in names]],
-            ["logits", *[f"present.{n}" for n in names]],
-            {"inputs_embeds": {0: bsz, 1: seq}, "attention_mask": {0: bsz, 1: Dim("total_sequence_length")},
-             "position_ids": {0: bsz, 1: seq},
-             "past": tuple({0: bsz, 2: Dim("past_sequence_length", min=0)} for _ in names)},
-            rename_outputs={f"present.{n}": {2: "total_sequence_length"} for n in names})
+    save(_export(DecoderWithCache(model), (embeds, mask, positions, past),
+                 ["inputs_embeds", "attention_mask", "position_ids", *[f"past_key_values.{n}" for n in names]],
+                 ["logits", *[f"present.{n}" for n in names]],
+                 {"inputs_embeds": {0: bsz, 1: seq}, "attention_mask": {0: bsz, 1: Dim("total_sequence_length")},
+                  "position_ids": {0: bsz, 1: seq},
+                  "past": tuple({0: bsz, 2: Dim("past_sequence_length", min=0)} for _ in names)},
+                 rename_outputs={f"present.{n}": {2: "total_sequence_length"} for n in names}), "decoder_model_merged")
+
+
+def traced_vision(model, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> onnx.ModelProto:
+    """The vision encoder traced by torch.onnx (export.vision=traced), with dynamic batch, image count and size."""
+    return _export(VisionEncoder(model), (pixel_values, pixel_mask), ["pixel_values", "pixel_attention_mask"], ["image_features"],
+                   {"pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
+                    "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"}})
 
 
 def export_traced_vision(model, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, path: Path) -> None:
-    """The vision encoder traced by torch.onnx (export.vision=traced), with dynamic batch, image count and size."""
-    _export(VisionEncoder(model), (pixel_values, pixel_mask), path, ["pixel_values", "pixel_attention_mask"], ["image_features"],
-            {"pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
-             "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"}})
+    save_onnx(traced_vision(model, pixel_values, pixel_mask), path)
+
+
+# The KV cache keeps the graph's own precision (float16 in _fp16 / _q4f16: kv_cache_dtype in config.json).
+KV_CACHE_PREFIXES = ("past_key_values.", "present.")
+
+
+def published_io(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Float32 at the graph boundary except the KV cache, as in HF's published SmolVLM `_fp16` / `_q4f16` files.
+
+    transformers.js feeds its processor's float32 `pixel_values` to every variant, copies float32 `image_features`
+    into the embeddings without a cast and takes the KV cache dtype from config.json (`kv_cache_dtype`) or the
+    graph's declared inputs: a float16 graph gets Cast nodes on its float16 inputs and outputs, past_key_values.* /
+    present.* excepted. A float32 graph is returned unchanged. The proto is changed in place.
+    """
+    graph, half = proto.graph, onnx.TensorProto.FLOAT16
+    renames, head, tail = {}, [], []
+    for value in graph.input:
+        tensor = value.type.tensor_type
+        if tensor.elem_type == half and not value.name.startswith(KV_CACHE_PREFIXES):
+            inner = renames[value.name] = f"{value.name}.float16"
+            head.append(onnx.helper.make_node("Cast", [value.name], [inner], name=f"{value.name}.to_float16", to=half))
+            tensor.elem_type = onnx.TensorProto.FLOAT
+    for value in graph.output:
+        tensor = value.type.tensor_type
+        if tensor.elem_type == half and not value.name.startswith(KV_CACHE_PREFIXES):
+            inner = renames[value.name] = f"{value.name}.float16"
+            tail.append(onnx.helper.make_node("Cast", [inner], [value.name], name=f"{value.name}.to_float32", to=onnx.TensorProto.FLOAT))
+            tensor.elem_type = onnx.TensorProto.FLOAT
+    if not renames:
+        return proto
+    _rename_tensors(graph, renames)
+    nodes = [*head, *graph.node, *tail]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
+def _rename_tensors(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Every use and definition of the renamed tensors inside the graph (and subgraphs reading them), not the
+    graph's own inputs and outputs."""
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                _rename_tensors(sub, renames)
+    for info in graph.value_info:
+        info.name = renames.get(info.name, info.name)
 
 
 @contextlib.contextmanager
@@ -363,7 +437,7 @@ def _exportable_bucketize():
         torch.bucketize = original
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, rename_outputs=None) -> None:
+def _export(module, args, input_names, output_names, dynamic_shapes, rename_outputs=None) -> onnx.ModelProto:
     with torch.no_grad(), _quiet_exporter(), _exportable_bucketize():
         program = torch.onnx.export(
             module.eval(), args, dynamo=True, input_names=input_names, output_names=output_names,
@@ -373,7 +447,7 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
     for output in proto.graph.output:
         for axis, name in (rename_outputs or {}).get(output.name, {}).items():
             output.type.tensor_type.shape.dim[axis].dim_param = name
-    save_onnx(proto, path)
+    return proto
 
 
 def save_onnx(proto: onnx.ModelProto, path: Path) -> None:

@@ -73,7 +73,8 @@ class Preprocessor:
         self._template = _compile_template(_chat_template(folder, tokenizer_config))
 
         self.image_seq_len = int(_read_json(folder / "processor_config.json")["image_seq_len"])
-        # What the vision graph takes (smolbox.serve sets float16 for fp16 graphs); the library returns float32.
+        # What the vision graph takes (smolbox.serve sets it from the graph: float32 for every exported variant, as
+        # in the published files; float16 for a graph that declares it); the library returns float32.
         self.pixel_dtype = np.float32
         self._tables: dict[tuple, np.ndarray] = {}
         self.image_token_id = model_config.get("image_token_id", self.tokenizer.token_to_id(IMAGE_TOKEN))
@@ -166,7 +167,7 @@ class Preprocessor:
     def _normalize(self, pixels: np.ndarray) -> np.ndarray:
         """Rescaled and normalized CHW pixels in `pixel_dtype`. uint8 pixels (the usual case) are looked up in a
         table of the 256 results per channel: the same arithmetic, bit for bit, a fraction of the time, and it
-        writes fp16 directly for fp16 graphs instead of a later cast of the whole array (~20-40 ms for 13 tiles)."""
+        writes fp16 directly for a graph that takes fp16, instead of a later cast of the whole array (~20-40 ms for 13 tiles)."""
         if pixels.dtype != np.uint8:
             return self._normalize_values(pixels).astype(self.pixel_dtype, copy=False)
         key = (pixels.shape[0], np.dtype(self.pixel_dtype).name)

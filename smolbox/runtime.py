@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Published SmolVLM ONNX suffixes, and what smolbox builds under each name.
+# Published SmolVLM ONNX suffixes, keyed by transformers.js's dtype names (its DEFAULT_DTYPE_SUFFIX_MAPPING).
 VARIANT_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q8": "_quantized", "q4": "_q4", "q4f16": "_q4f16"}
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}

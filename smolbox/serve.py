@@ -346,7 +346,7 @@ class Engine:
         self.preprocessor = Preprocessor(self.folder)
         self.variant = resolve_variant(self.cfg.serve.variant, self.folder, providers)
         self.model = OnnxVLM(self.folder, self.variant, providers=providers, session_config=self.cfg.serve.ort_session_config)
-        self.preprocessor.pixel_dtype = self.model.pixel_dtype  # fp16 graphs get fp16 pixels, no cast per request
+        self.preprocessor.pixel_dtype = self.model.pixel_dtype  # what the vision graph declares: no cast per request
         log.info("serve: loaded %s (%s) on %s in %.1f s", self.folder, self.variant, self.model.provider, time.perf_counter() - started)
         self.ready.set()
 
