@@ -17,6 +17,9 @@
 #   bash bench/gpu_session.sh train4       default.yaml and lowmem.yaml (reference log-probs precomputed) and default without
 #   bash bench/gpu_session.sh export-base  smolbox export of the base model: fp32 + q4f16 (parity on 1 prompt)
 #   bash bench/gpu_session.sh serve4       ORT q4f16 TTFT / decode / kernel profile, then HTTP at 8 and 32 clients, 256 tokens
+#   bash bench/gpu_session.sh scale        default.yaml on 1 GPU and on every GPU of the host, global batch 32, side by side
+#   bash bench/gpu_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
+#                                          (torchrun) and through accelerate launch, a few steps each
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_env.sh
@@ -114,6 +117,24 @@ case "${1:?stage}" in
   serve4)
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants q4f16 --hf --batch 32 --profile-kernels --http-variant q4f16 \
       --clients 8 32 --seconds 15 --max-tokens 256 --json "$OUT/serve4.json" 2>&1 | grep -vE "Warn|warn" | tail -40
+    ;;
+  scale)
+    n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+    python -m bench.train_bench --root /tmp/rs --steps 6 --global-batch 32 --variants default@1 "default@$n" \
+      --json "$OUT/train_scale.json" 2>&1 | grep -vE "Warn|warn" | tail -8
+    ;;
+  e2e-multi)
+    n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+    SMOLBOX_GPU_COUNT=$n python -m smolbox verify "${REAL[@]}" 2>&1 | grep -vE "Warn|warn" | tail -20
+    steps=(--train.max_steps 3 --train.save_steps 3 --train.logging_steps 1 --train.global_batch_size 32)
+    entrypoints/train "${REAL[@]}" --run.name multi "${steps[@]}" >"$OUT/multi.log" 2>&1; echo "entrypoint exit $?"
+    accelerate launch --multi_gpu --num_processes "$n" -m smolbox train "${REAL[@]}" --run.name accel "${steps[@]}" \
+      >"$OUT/accel.log" 2>&1; echo "accelerate launch exit $?"
+    for r in multi accel; do
+      python3 -c "import json; m=json.load(open('/tmp/runs/$r/manifest.json')); print('$r', m['status'], m['global_step'], m['distributed'], m['batch'], m.get('peak_memory_gb'))"
+      cp "/tmp/runs/$r/metrics.jsonl" "$OUT/${r}_metrics.jsonl"
+    done
+    tail -3 "$OUT/multi.log" "$OUT/accel.log"
     ;;
   serve-bench)
     folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)

@@ -192,6 +192,12 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool, glo
         "gpus": result.manifest.get("distributed", {}).get("gpus"),
         "peak_allocated_gib_per_gpu": [round(a, 2) for a, _ in peaks],
     })
+    # What DDP all-reduces each optimizer step: the trainable (adapter) tensors, in the dtype they train in.
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    row.update(trainable_params=sum(t.numel() for t in adapter.values()),
+               gradient_bytes=sum(t.numel() * t.element_size() for t in adapter.values()))
     if peaks and torch.cuda.is_available():
         row.update(peak_allocated_gib=round(max(a for a, _ in peaks), 2), peak_reserved_gib=round(max(r for _, r in peaks), 2))
     m = result.manifest

@@ -15,6 +15,12 @@ from .dpo import REF_KEYS
 class SmolboxDPOTrainer(DPOTrainer):
     pack_pairs = True  # each pair as one packed row (smolbox.dpo.pack_pairs); train.pack_pairs sets it
 
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        pairs_per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return WholeStepsSampler(len(dataset), pairs_per_step, seed)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = dpo.dpo_step(model, inputs, self.beta, self.pack_pairs)
         mode = "train" if model.training else "eval"
@@ -91,3 +97,28 @@ class _WithReferenceLogps:
     def __call__(self, examples: list[dict]) -> dict:
         refs = {key: torch.tensor([example.pop(key) for example in examples]) for key in REF_KEYS if key in examples[0]}
         return {**self.collator(examples), **refs}
+
+
+class WholeStepsSampler(torch.utils.data.Sampler):
+    """Each epoch, a new random order of the pairs, cut to whole optimizer steps.
+
+    Step k takes the pairs k*G .. (k+1)*G-1 of the order (G: the global batch), however the processes split them,
+    so one process or eight train on exactly the same batches. The last len % G pairs of each epoch's order (a
+    different few every epoch) wait for a later epoch, instead of a smaller last step on one GPU and, on several,
+    a last step that accelerate tops up with repeated pairs. The order depends on the seed and the epoch only."""
+
+    def __init__(self, pairs: int, pairs_per_step: int, seed: int):
+        if pairs < pairs_per_step:
+            raise ValueError(f"the training split has {pairs} pairs, fewer than one optimizer step "
+                             f"(train.global_batch_size={pairs_per_step}): lower the global batch or add data")
+        self.pairs, self.pairs_per_step, self.seed, self.epoch = pairs, pairs_per_step, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.pairs // self.pairs_per_step * self.pairs_per_step
+
+    def __iter__(self):
+        order = torch.randperm(self.pairs, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order[: len(self)].tolist())

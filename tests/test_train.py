@@ -194,3 +194,16 @@ def test_global_batch_is_split_over_processes(processes, micro, accumulation):
 def test_a_global_batch_that_does_not_split_is_refused():
     with pytest.raises(RunError, match="cannot be split evenly over 3 processes: use 1, 2, 4 GPUs"):
         plan_batches(tiny_cfg(Path("."), "x").train, 3)
+
+
+def test_whole_steps_sampler_cuts_each_epoch_to_whole_steps():
+    from smolbox.trainer import WholeStepsSampler
+
+    sampler = WholeStepsSampler(10, 4, seed=7)
+    first = list(sampler)
+    assert len(sampler) == len(first) == 8 and len(set(first)) == 8 and set(first) <= set(range(10))
+    assert list(WholeStepsSampler(10, 4, seed=7)) == first  # the order depends on seed and epoch only
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        WholeStepsSampler(3, 4, seed=7)
