@@ -120,7 +120,7 @@ case "${1:?stage}" in
     ;;
   scale)
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-    python -m bench.train_bench --root /tmp/rs --steps 6 --global-batch 32 --variants default@1 "default@$n" \
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-4}" --global-batch 32 --variants default@1 "default@$n" \
       --json "$OUT/train_scale.json" 2>&1 | grep -vE "Warn|warn" | tail -8
     ;;
   e2e-multi)

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import socket
 from dataclasses import dataclass
+
+
+log = logging.getLogger("smolbox.train")
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,13 @@ def world() -> World:
 def start(device: str, timeout_s: float) -> World:
     """Join the job's process group (several processes only) and pin this process to its GPU."""
     w = world()
+    import torch
+
+    if w.size == 1 and device == "cuda" and torch.cuda.device_count() > 1:
+        n = torch.cuda.device_count()
+        log.warning("%d GPUs are visible and this is one process: it trains on cuda:0. To train on all of them: "
+                    "torchrun --standalone --nproc_per_node %d -m smolbox train ... (docs/distributed.md)", n, n)
     if w.size > 1:
-        import torch
         from accelerate import PartialState
 
         if device == "cuda":

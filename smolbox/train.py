@@ -208,7 +208,7 @@ def _keep_cpu_4bit_layout_trainable(model) -> None:
 def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, train_ds, eval_ds, plan: BatchPlan | None = None):
     """TRL's DPOConfig and our trainer from the config; `plan` splits the global batch (default: this job's)."""
     from peft import LoraConfig
-    from trl import DPOConfig
+    from .trainer import OneGPUPerProcessConfig as DPOConfig
 
     from .dora import use_fused_dora
     from .trainer import SmolboxDPOTrainer

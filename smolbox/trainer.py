@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import time
 
+from dataclasses import dataclass
+
 import torch
-from trl import DPOTrainer
+from trl import DPOConfig, DPOTrainer
 
 from . import distributed, dpo
 from .dpo import REF_KEYS
+
+
+@dataclass
+class OneGPUPerProcessConfig(DPOConfig):
+    """TRL's DPOConfig for one GPU per process. transformers would wrap a model in nn.DataParallel whenever one
+    process sees several GPUs (which TRL then refuses); smolbox trains on several GPUs through torchrun instead,
+    so a plain process uses its one device (cuda:0, or LOCAL_RANK's under torchrun)."""
+
+    @property
+    def n_gpu(self) -> int:
+        return min(super().n_gpu, 1)
 
 
 class SmolboxDPOTrainer(DPOTrainer):
