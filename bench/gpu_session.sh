@@ -126,7 +126,7 @@ case "${1:?stage}" in
   e2e-multi)
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
     SMOLBOX_GPU_COUNT=$n python -m smolbox verify "${REAL[@]}" 2>&1 | grep -vE "Warn|warn" | tail -20
-    steps=(--train.max_steps 3 --train.save_steps 3 --train.logging_steps 1 --train.global_batch_size 32)
+    steps=(--train.max_steps 2 --train.save_steps 2 --train.logging_steps 1 --train.global_batch_size 32)
     entrypoints/train "${REAL[@]}" --run.name multi "${steps[@]}" >"$OUT/multi.log" 2>&1; echo "entrypoint exit $?"
     accelerate launch --multi_gpu --num_processes "$n" -m smolbox train "${REAL[@]}" --run.name accel "${steps[@]}" \
       >"$OUT/accel.log" 2>&1; echo "accelerate launch exit $?"
@@ -134,7 +134,7 @@ case "${1:?stage}" in
       python3 -c "import json; m=json.load(open('/tmp/runs/$r/manifest.json')); print('$r', m['status'], m['global_step'], m['distributed'], m['batch'], m.get('peak_memory_gb'))"
       cp "/tmp/runs/$r/metrics.jsonl" "$OUT/${r}_metrics.jsonl"
     done
-    tail -3 "$OUT/multi.log" "$OUT/accel.log"
+    tail -n 3 "$OUT/multi.log" "$OUT/accel.log"
     ;;
   serve-bench)
     folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)

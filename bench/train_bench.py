@@ -73,6 +73,8 @@ class StepTimer:
 
             def on_train_begin(self, args, state, control, **kw):
                 self.ends = [time.perf_counter()]
+                # loading and the precompute pass, apart from the steps
+                self.peak_before_train = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
             def on_step_end(self, args, state, control, **kw):
                 if torch.cuda.is_available():
@@ -189,6 +191,7 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool, glo
         "dropout": cfg.adapter.dropout, "fused_dora": cfg.adapter.fused_dora,
         "ref_logps_precompute_s": result.manifest.get("ref_logps_precompute_s"), "workers": cfg.train.dataloader_num_workers,
         "path": f"smolbox.train, configs/{config_name}.yaml", "losses": [r["loss"] for r in records if "loss" in r],
+        "peak_allocated_before_train_gib": round(timer.peak_before_train, 2),
         "gpus": result.manifest.get("distributed", {}).get("gpus"),
         "peak_allocated_gib_per_gpu": [round(a, 2) for a, _ in peaks],
     })

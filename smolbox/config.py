@@ -86,7 +86,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm")
     max_length: int | None = Field(None, description="None = no truncation (truncating into image tokens breaks VLMs)")
-    bf16: bool = Field(True, description="bf16 mixed precision (needs a GPU with bf16; false on CPU)")
+    bf16: bool = Field(True, description="bf16 autocast (mixed precision; needs a GPU with bf16). Weights already in bf16 (model.dtype) train in bf16 without it")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory")
     logging_steps: int = Field(10, gt=0, description="Optimizer steps between metric lines")
     eval_steps: int | None = Field(None, description="None = same as logging_steps")
