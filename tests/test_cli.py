@@ -52,3 +52,56 @@ def test_every_command_prints_its_help(tmp_path, command):
     result = smolbox(command, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--train.learning_rate" in result.stdout and "--serve.ort_session_config" in result.stdout
+
+
+def test_help_lists_every_command(tmp_path):
+    from smolbox.cli import COMMANDS, build_parser
+
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert set(choices) == set(COMMANDS)
+    result = smolbox("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    usage, listing = result.stdout.split("positional arguments:")
+    for name in choices:
+        assert name in usage and f"\n    {name} " in listing, name
+
+
+def test_unknown_flag_lists_the_section_keys_closest_first(tmp_path):
+    result = smolbox("config", "--config", "tiny", "--env-file", "", "--train.learning", "1e-5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--train.learning: unknown config key 'train.learning' (keys of 'train', closest first: learning_rate," in result.stderr
+    result = smolbox("config", "--config", "tiny", "--env-file", "", "--serve.prot=80", cwd=tmp_path)
+    assert result.returncode == 2 and "closest first: port," in result.stderr
+
+
+def test_env_file_given_must_exist_but_the_default_is_optional(tmp_path):
+    missing = smolbox("config", "--config", "tiny", "--env-file", "absent.env", cwd=tmp_path)
+    assert missing.returncode == 2 and "--env-file absent.env: no such file" in missing.stderr
+    assert smolbox("config", "--config", "tiny", cwd=tmp_path).returncode == 0  # no ./.env: fine
+    # $SMOLBOX_ENV_FILE moves the optional default (the containers point it at the project's .env, which may be absent)
+    (tmp_path / "project.env").write_text("SMOLBOX_TRAIN__BETA=0.5\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SMOLBOX_ENV_FILE": str(tmp_path / "project.env")}
+    run = subprocess.run([sys.executable, "-m", "smolbox", "config", "--config", "tiny"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "beta: 0.5" in run.stdout, run.stderr
+    env["SMOLBOX_ENV_FILE"] = str(tmp_path / "absent.env")
+    run = subprocess.run([sys.executable, "-m", "smolbox", "config", "--config", "tiny"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_export_of_a_missing_run_lists_the_runs_there(tmp_path):
+    for name, status in (("first", "completed"), ("second", "failed")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "manifest.json").write_text(json.dumps({"status": status}))
+    result = smolbox("export", "--config", "tiny", "--env-file", "", "--run.name", "frist", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "runs/frist: no training run" in result.stderr and "Runs in runs/: first (completed), second (failed)" in result.stderr
+    empty = smolbox("export", "--config", "tiny", "--env-file", "", "--run.output_dir", "elsewhere", cwd=tmp_path)
+    assert empty.returncode == 2 and "There are no runs in elsewhere/." in empty.stderr
+
+
+def test_every_config_field_has_a_description():
+    from smolbox.config import cli_fields
+
+    assert [key for key, info in cli_fields() if not info.description] == []
