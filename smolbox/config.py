@@ -169,6 +169,9 @@ class ServeConfig(_Section):
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none")
     allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs; off: the server makes no outbound requests")
     drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text = log lines for people; json = one JSON object per line, with one per request "
+                            "(method, path, status, latency, tokens, request id; never the prompt or image)")
 
 
 class Config(_Section):
