@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return BLOCKED_EXIT
     if cfg.run.hf_cache:  # run.hf_cache acts as HF_HOME; set before any Hugging Face library is imported
         os.environ["HF_HOME"] = cfg.run.hf_cache
+    if not sys.stderr.isatty():
+        # Progress bars redraw with carriage returns: in a log file or `docker logs` they are noise that cuts
+        # other lines. Set before any Hugging Face library is imported (they read these once); 0 keeps them.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     return {"verify": _verify, "train": _train, "export": _export, "serve": _serve, "demo": _demo, "config": _print_config}[ns.command](cfg)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from smolbox.config import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +25,15 @@ def test_demo_runs_verify_and_training_offline(tmp_path, tiny_bundle):
     manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
+    # Readable output: one compact metrics line per logging step, no progress bars or log dicts in a captured
+    # stream, and none of the library warnings smolbox.quiet silences (nor any other warning).
+    t = load_config("tiny", env={}, dotenv=None).train
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == [f"{s}/{t.max_steps}" for s in range(t.logging_steps, t.max_steps + 1, t.logging_steps)]
+    assert all("loss " in line and "acc " in line for line in steps)
+    output = result.stdout + result.stderr
+    assert "{'loss'" not in output and "\r" not in output and "it/s]" not in output
+    assert "Warning" not in output and "kernels-community" not in output, result.stderr
 
 
 def test_verify_exits_non_zero_with_a_fix_on_a_blocking_failure(tmp_path, tiny_bundle):
