@@ -226,7 +226,11 @@ def _dotenv_lines(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
     p = Path(path)
     if not p.is_file():
         return values
-    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
+    try:
+        text = p.read_text()
+    except OSError as exc:  # e.g. a 600 .env of another uid, mounted into a container
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror}): make it readable, or pass --env-file '' to read none") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
