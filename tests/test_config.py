@@ -30,7 +30,8 @@ def test_seed_matches_trl_defaults_for_values_the_recipe_does_not_set():
     from trl import DPOConfig
 
     cfg = load_config("seed", env={}, dotenv=None)
-    trl_defaults = DPOConfig(output_dir="unused", use_cpu=True, bf16=False)
+    # activation_checkpointing: transformers 5.23's name for TRL's default gradient_checkpointing=True (which warns)
+    trl_defaults = DPOConfig(output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=True)
     assert cfg.train.learning_rate == trl_defaults.learning_rate
     assert cfg.train.beta == trl_defaults.beta
     assert cfg.train.lr_scheduler_type == str(trl_defaults.lr_scheduler_type.value)
