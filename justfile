@@ -1,4 +1,4 @@
-# smolbox tasks. `just` lists them; installing just: docs/containers.md. Settings come from .env (.env.example).
+# smolbox tasks. `just` lists them; just itself: PATH="$(bash scripts/tools):$PATH". Settings: an optional .env (.env.example).
 # Training and serving run in containers (compose.yaml); `test` runs the suite on this machine.
 # Arguments after a recipe name go to the smolbox CLI, e.g. `just train --train.learning_rate 2e-5`.
 
@@ -78,7 +78,8 @@ lock-base:
 
 # The export name a config resolves to (export.name, else run.name)
 _export-name *ARGS:
-    @docker run --rm --network none --env-file .env "{{ train_image }}" config "$@" | python3 scripts/config_value.py export.name run.name
+    @docker run --rm --network none -v "$PWD:/opt/smolbox/project:ro" -e SMOLBOX_ENV_FILE=/opt/smolbox/project/.env \
+      "{{ train_image }}" config "$@" | python3 scripts/config_value.py export.name run.name
 
 # Host folders the containers write to, owned by the container user (also when just runs as root)
 _dirs:

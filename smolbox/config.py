@@ -6,6 +6,7 @@ CLI flags (`--<section>.<field> VALUE`). Unknown keys and wrong types are errors
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -15,7 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGE = Path(__file__).resolve().parent
+# The shipped configs: package data inside an installed wheel (pyproject.toml maps configs/ there), else the
+# source checkout's configs/ (editable installs, the images).
+CONFIG_DIR = next((d for d in (_PACKAGE / "configs", _PACKAGE.parent / "configs") if d.is_dir()), _PACKAGE / "configs")
 ENV_PREFIX = "SMOLBOX_"
 
 
@@ -149,7 +153,7 @@ class ServeConfig(_Section):
         "auto", description="ONNX variant to load; auto = q4f16 on a GPU, q4 on the CPU (else what the export has)")
     model_name: str | None = Field(None, description="Model id in the API; null = the export folder's name")
     host: str = Field("127.0.0.1", description="Listen address (the serving image sets 0.0.0.0)")
-    port: int = Field(8000, gt=0, lt=65536)
+    port: int = Field(8000, gt=0, lt=65536, description="Listen port (the serving image listens on 8000)")
     provider: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA execution provider when available, else CPU")
     api_key: str | None = Field(None, description="When set, requests need 'Authorization: Bearer <key>' (use SMOLBOX_SERVE__API_KEY)")
     max_batch_size: int = Field(8, gt=0, description="Requests generated together in one batch")
@@ -174,6 +178,9 @@ class ServeConfig(_Section):
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none")
     allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs; off: the server makes no outbound requests")
     drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight requests may finish")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text = log lines for people; json = one JSON object per line, with one per request "
+                            "(method, path, status, latency, tokens, request id; never the prompt or image)")
 
 
 class Config(_Section):
@@ -241,11 +248,20 @@ def shipped_configs() -> list[str]:
 
 def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
     """Minimal .env reader: KEY=VALUE lines, '#' comments, optional quotes, optional 'export '."""
-    values: dict[str, str] = {}
+    return {key: value for key, (value, _) in _dotenv_lines(path).items()}
+
+
+def _dotenv_lines(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """{KEY: (value, line number)}; a missing file is an empty one."""
+    values: dict[str, tuple[str, int]] = {}
     p = Path(path)
     if not p.is_file():
         return values
-    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
+    try:
+        text = p.read_text()
+    except OSError as exc:  # e.g. a 600 .env of another uid, mounted into a container
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror}): make it readable, or pass --env-file '' to read none") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -257,7 +273,7 @@ def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        values[key.strip()] = value
+        values[key.strip()] = (value, lineno)
     return values
 
 
@@ -269,25 +285,33 @@ def parse_scalar(text: str) -> Any:
         return text
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+def _closest_first(name: str, known: list[str]) -> str:
+    return ", ".join(difflib.get_close_matches(name, known, n=len(known), cutoff=0))
+
+
+def check_key(dotted: str, origin: str) -> tuple[str, str]:
+    """(section, field) of a dotted key, or a ConfigError naming the origin and the valid keys, closest first."""
     parts = dotted.split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise ConfigError(f"{origin}: unknown config key '{dotted}' (sections: {', '.join(SECTIONS)})")
+        raise ConfigError(f"{origin}: unknown config key '{dotted}' (sections, closest first: {_closest_first(parts[0], list(SECTIONS))})")
     section, field = parts
     if field not in SECTIONS[section].model_fields:
-        known = ", ".join(SECTIONS[section].model_fields)
-        raise ConfigError(f"{origin}: unknown config key '{dotted}' (known in '{section}': {known})")
-    tree.setdefault(section, {})[field] = value
+        known = _closest_first(field, list(SECTIONS[section].model_fields))
+        raise ConfigError(f"{origin}: unknown config key '{dotted}' (keys of '{section}', closest first: {known})")
+    return section, field
 
 
-def env_overrides(env: dict[str, str]) -> list[tuple[str, Any, str]]:
-    """SMOLBOX_TRAIN__LEARNING_RATE=1e-5 -> ('train.learning_rate', 1e-5). SMOLBOX_CONFIG is not a key."""
+def env_overrides(env: dict[str, str], origins: dict[str, str] | None = None) -> list[tuple[str, Any, str]]:
+    """SMOLBOX_TRAIN__LEARNING_RATE=1e-5 -> ('train.learning_rate', 1e-5, origin). SMOLBOX_CONFIG is not a key.
+
+    `origins` says where a variable came from (a .env line); the default is the process environment.
+    """
     out = []
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
         dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
-        out.append((dotted, parse_scalar(value), f"environment variable {key}"))
+        out.append((dotted, parse_scalar(value), (origins or {}).get(key, f"environment variable {key}")))
     return out
 
 
@@ -297,13 +321,24 @@ def load_config(
     env: dict[str, str] | None = None,
     dotenv: str | os.PathLike | None = ".env",
 ) -> Config:
-    """Build the config: YAML, then .env, then environment, then explicit overrides (CLI)."""
+    """Build the config: YAML, then .env, then environment, then explicit overrides (CLI).
+
+    Every error names where the offending value came from: the YAML file, a line of the .env file, an environment
+    variable or a CLI flag.
+    """
     environ = dict(os.environ) if env is None else dict(env)
-    dotenv_values = read_dotenv(dotenv) if dotenv else {}
-    merged_env = {**dotenv_values, **environ}
+    dotenv_lines = _dotenv_lines(dotenv) if dotenv else {}
+    merged_env = {**{k: v for k, (v, _) in dotenv_lines.items()}, **environ}
+    origins = {k: f"line {n} of {dotenv} ({k})" for k, (_, n) in dotenv_lines.items() if k not in environ}
     if path is None:
         path = merged_env.get(f"{ENV_PREFIX}CONFIG", "default")
-    cfg_path = resolve_config_path(path)
+        try:
+            cfg_path = resolve_config_path(path)
+        except ConfigError as exc:
+            key = f"{ENV_PREFIX}CONFIG"
+            raise ConfigError(f"{origins.get(key, f'environment variable {key}')}: {exc}") from None
+    else:
+        cfg_path = resolve_config_path(path)
     try:
         tree = yaml.safe_load(cfg_path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -312,28 +347,31 @@ def load_config(
         raise ConfigError(f"{cfg_path}: top level must be a mapping of sections")
     for section, body in tree.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{cfg_path}: unknown config key '{section}' (sections: {', '.join(SECTIONS)})")
+            check_key(section, str(cfg_path))
         if not isinstance(body, dict):
             raise ConfigError(f"{cfg_path}: '{section}' must be a mapping")
         for field in body:
-            if field not in SECTIONS[section].model_fields:
-                _set_dotted({}, f"{section}.{field}", None, str(cfg_path))
-    layered = [(d, v, o) for d, v, o in env_overrides(merged_env)]
-    layered += [(d, v, f"--{d}") for d, v in (overrides or {}).items()]
+            check_key(f"{section}.{field}", str(cfg_path))
+    layered = env_overrides(merged_env, origins) + [(d, v, f"--{d}") for d, v in (overrides or {}).items()]
+    value_origins = {}
     for dotted, value, origin in layered:
-        _set_dotted(tree, dotted, value, origin)
-    return validate(tree, source=str(cfg_path))
+        section, field = check_key(dotted, origin)
+        tree.setdefault(section, {})[field] = value
+        value_origins[dotted] = origin
+    return validate(tree, source=str(cfg_path), origins=value_origins)
 
 
-def validate(tree: dict, source: str = "config") -> Config:
+def validate(tree: dict, source: str = "config", origins: dict[str, str] | None = None) -> Config:
+    """The typed config; errors name each bad value's origin (`origins`: dotted key -> where it was set, else `source`)."""
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+            origin = (origins or {}).get(".".join(str(p) for p in err["loc"][:2]), source)
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r} from {origin})")
+        raise ConfigError("invalid config\n" + "\n".join(lines)) from None
 
 
 def cli_fields() -> list[tuple[str, Any]]:

@@ -153,7 +153,15 @@ def resolve_source(cfg: Config) -> Source:
     if (path / "adapter_config.json").is_file():
         return Source("adapter", cfg.model.id, cfg.quant, path, None, path.name)
     raise ExportError(f"{path}: no training run (manifest.json) and no adapter (adapter_config.json) there; "
-                      "set export.source to a run folder, an adapter folder, or 'base'")
+                      f"set export.source to a run folder, an adapter folder, or 'base'. {_runs_in(path.parent)}")
+
+
+def _runs_in(folder: Path) -> str:
+    """The runs that do exist beside a missing one, with their status, so the message says what to pick instead."""
+    runs = sorted((p.name, (read_json(p / "manifest.json") or {}).get("status")) for p in folder.glob("*") if (p / "manifest.json").is_file())
+    if not runs:
+        return f"There are no runs in {folder}/."
+    return f"Runs in {folder}/: " + ", ".join(f"{name} ({status})" for name, status in runs)
 
 
 def merge(source: Source, merge_into: str, device: str, cfg: Config):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 
+from . import access_log
 from .config import Config
 
 log = logging.getLogger("smolbox.serve")
@@ -513,14 +515,18 @@ def build_app(cfg: Config) -> FastAPI:
 
     app = FastAPI(title="smolbox", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    app.add_middleware(access_log.AccessLog)
+    expected_auth = f"Bearer {cfg.serve.api_key}".encode()
 
     def error_response(err: APIError) -> JSONResponse:
         metrics.requests.labels(str(err.status)).inc()
         metrics.errors.labels(err.code or err.kind).inc()
-        return JSONResponse(err.body(), status_code=err.status)
+        # RFC 6750: a 401 names the scheme the client should use.
+        return JSONResponse(err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None)
 
     def authorized(request: Request) -> bool:
-        return not cfg.serve.api_key or request.headers.get("authorization", "") == f"Bearer {cfg.serve.api_key}"
+        # Constant time: how long the comparison takes must not tell an attacker how much of a guess was right.
+        return not cfg.serve.api_key or hmac.compare_digest(request.headers.get("authorization", "").encode(), expected_auth)
 
     @app.get("/health")
     async def health():
@@ -549,6 +555,7 @@ def build_app(cfg: Config) -> FastAPI:
             # Image decoding, tiling and tokenization take tens of ms of CPU: off the event loop, so streams keep flowing.
             settings, encoded = await asyncio.to_thread(_prepare, body, cfg, model_name, engine.preprocessor)
             prompt_tokens = int(encoded.input_ids.shape[1])
+            access_log.usage(request.scope)["prompt_tokens"] = prompt_tokens
             if prompt_tokens > cfg.serve.max_prompt_tokens:
                 raise APIError(400, f"The prompt is {prompt_tokens} tokens (images included); this server accepts at most "
                                     f"{cfg.serve.max_prompt_tokens}: shorten the text or send fewer/smaller images.", "messages", "context_length_exceeded")
@@ -566,7 +573,8 @@ def build_app(cfg: Config) -> FastAPI:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         stamp = int(time.time())
         if settings["stream"]:
-            return StreamingResponse(_stream(job, completion_id, stamp, model_name, settings["include_usage"], metrics),
+            return StreamingResponse(_stream(job, completion_id, stamp, model_name, settings["include_usage"], metrics,
+                                             access_log.usage(request.scope)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         pieces, reason, completion_tokens = [], "stop", 0
         async for event in _events(job, metrics):
@@ -574,6 +582,7 @@ def build_app(cfg: Config) -> FastAPI:
                 pieces.append(event[1])
             elif event[0] == "done":
                 reason, completion_tokens = event[1], event[2]
+                access_log.usage(request.scope)["completion_tokens"] = completion_tokens
             elif event[0] == "error":
                 return error_response(APIError(500, event[1], code="generation_failed", kind="server_error"))
         metrics.requests.labels("200").inc()
@@ -627,7 +636,8 @@ async def _events(job: GenRequest, metrics: Metrics):
             return
 
 
-async def _stream(job: GenRequest, completion_id: str, stamp: int, model_name: str, include_usage: bool, metrics: Metrics):
+async def _stream(job: GenRequest, completion_id: str, stamp: int, model_name: str, include_usage: bool, metrics: Metrics,
+                  logged: dict):
     def chunk(delta: dict, reason=None, usage=None) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": stamp, "model": model_name,
                 "system_fingerprint": None, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
@@ -640,6 +650,7 @@ async def _stream(job: GenRequest, completion_id: str, stamp: int, model_name: s
         if event[0] == "token":
             yield chunk({"content": event[1]})
         elif event[0] == "done":
+            logged["completion_tokens"] = event[2]
             yield chunk({}, event[1])
             if include_usage:
                 usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": event[2], "total_tokens": job.prompt_tokens + event[2]}
@@ -664,9 +675,13 @@ def serve(cfg: Config) -> None:
     import uvicorn
 
     app = build_app(cfg)
+    json_lines = cfg.serve.log_format == "json"
+    if json_lines:
+        access_log.use_json_lines()
     log.info("serve: http://%s:%d  model %s  variant %s", cfg.serve.host, cfg.serve.port, export_folder(cfg), cfg.serve.variant)
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info",
-                timeout_graceful_shutdown=cfg.serve.drain_timeout_s, access_log=False)
+    # uvicorn's own access log is off: smolbox.access_log writes one line per request, with tokens and request id.
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=cfg.serve.drain_timeout_s, **({"log_config": None} if json_lines else {}))
 
 
 def demo_request(cfg: Config) -> tuple[str, str]:

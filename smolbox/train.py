@@ -27,6 +27,7 @@ from .config import LENGTH_KEYS, Config, TrainConfig, get_dotted
 from .data import load_preference_data
 from .env import device_description, git_commit, hf_hub_cache, package_versions, resolve_attention, resolve_device
 from .manifest import image_labels, now, read_json, write_json_atomic
+from .progress import use_console_progress
 
 log = logging.getLogger("smolbox.train")
 
@@ -140,6 +141,7 @@ def _run(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from: 
 
     model = load_model(cfg, device, attn, model_path)
     trainer = build_trainer(cfg, run_dir, device, model, processor, train_split.dataset, eval_split and eval_split.dataset, plan)
+    use_console_progress(trainer)  # one compact metrics line per logging step; bars only on a terminal
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from:
         if world.is_main:
@@ -225,7 +227,7 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
         lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=t.max_length,
         bf16=t.bf16, use_cpu=device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5.23's name; the old one warns
         logging_steps=t.logging_steps,
         eval_strategy="steps" if eval_ds is not None else "no", eval_steps=t.eval_steps or t.logging_steps,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,

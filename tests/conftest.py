@@ -1,14 +1,40 @@
 import os
+import shutil
 import tempfile
 
 import pytest
 
-# One tiny bundle per test session, built from scratch (so the build itself is tested), unless the caller
-# points SMOLBOX_CACHE at a bundle on purpose.
-os.environ.setdefault("SMOLBOX_CACHE", tempfile.mkdtemp(prefix="smolbox-test-cache-"))
+# What the suite writes goes into one temporary folder, removed when the session passes (kept for a look when it
+# fails): one tiny bundle per session, built from scratch (so the build itself is tested), the Hugging Face caches
+# (datasets' arrow files and locks) and pytest's own tmp_path folders, so nothing lands in ~/.cache or stays in /tmp.
+# A caller may point SMOLBOX_CACHE or HF_HOME somewhere on purpose.
+SCRATCH = tempfile.mkdtemp(prefix="smolbox-test-")
+_PASSED = pytest.StashKey[bool]()
+os.environ.setdefault("SMOLBOX_CACHE", os.path.join(SCRATCH, "smolbox"))
+os.environ.setdefault("HF_HOME", os.path.join(SCRATCH, "huggingface"))
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", SCRATCH)  # where pytest makes tmp_path folders (read lazily)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    # pytest resets warning filters around each test: give it smolbox's (smolbox.quiet) as its own.
+    from smolbox import quiet
+
+    for line in quiet.pytest_filters():
+        config.addinivalue_line("filterwarnings", line)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_PASSED] = exitstatus in (0, 5)  # passed, or nothing collected
+
+
+def pytest_unconfigure(config):  # after every fixture's teardown
+    if config.stash.get(_PASSED, False):
+        shutil.rmtree(SCRATCH, ignore_errors=True)
+    else:
+        print(f"\nsmolbox tests: kept {SCRATCH} (caches and tmp_path folders of a failed or interrupted session)")
 
 
 @pytest.fixture(scope="session")

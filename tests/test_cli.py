@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from smolbox.config import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +25,15 @@ def test_demo_runs_verify_and_training_offline(tmp_path, tiny_bundle):
     manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
+    # Readable output: one compact metrics line per logging step, no progress bars or log dicts in a captured
+    # stream, and none of the library warnings smolbox.quiet silences (nor any other warning).
+    t = load_config("tiny", env={}, dotenv=None).train
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == [f"{s}/{t.max_steps}" for s in range(t.logging_steps, t.max_steps + 1, t.logging_steps)]
+    assert all("loss " in line and "acc " in line for line in steps)
+    output = result.stdout + result.stderr
+    assert "{'loss'" not in output and "\r" not in output and "it/s]" not in output
+    assert "Warning" not in output and "kernels-community" not in output, result.stderr
 
 
 def test_verify_exits_non_zero_with_a_fix_on_a_blocking_failure(tmp_path, tiny_bundle):
@@ -52,3 +63,58 @@ def test_every_command_prints_its_help(tmp_path, command):
     result = smolbox(command, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--train.learning_rate" in result.stdout and "--serve.ort_session_config" in result.stdout
+
+
+def test_help_lists_every_command(tmp_path):
+    from smolbox.cli import COMMANDS, build_parser
+
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert set(choices) == set(COMMANDS)
+    result = smolbox("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    usage, listing = result.stdout.split("positional arguments:")
+    for name in choices:
+        assert name in usage and f"\n    {name} " in listing, name
+
+
+def test_unknown_flag_lists_the_section_keys_closest_first(tmp_path):
+    result = smolbox("config", "--config", "tiny", "--env-file", "", "--train.learning", "1e-5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--train.learning: unknown config key 'train.learning' (keys of 'train', closest first: learning_rate," in result.stderr
+    result = smolbox("config", "--config", "tiny", "--env-file", "", "--serve.prot=80", cwd=tmp_path)
+    assert result.returncode == 2 and "closest first: port," in result.stderr
+
+
+def test_env_file_given_must_exist_but_the_default_is_optional(tmp_path):
+    missing = smolbox("config", "--config", "tiny", "--env-file", "absent.env", cwd=tmp_path)
+    assert missing.returncode == 2 and "--env-file absent.env: no such file" in missing.stderr
+    assert smolbox("config", "--config", "tiny", cwd=tmp_path).returncode == 0  # no ./.env: fine
+    # $SMOLBOX_ENV_FILE moves the optional default (the containers point it at the project's .env, which may be absent)
+    (tmp_path / "project.env").write_text("SMOLBOX_TRAIN__BETA=0.5\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SMOLBOX_ENV_FILE": str(tmp_path / "project.env")}
+    run = subprocess.run([sys.executable, "-m", "smolbox", "config", "--config", "tiny"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "beta: 0.5" in run.stdout, run.stderr
+    env["SMOLBOX_ENV_FILE"] = str(tmp_path / "absent.env")
+    run = subprocess.run([sys.executable, "-m", "smolbox", "config", "--config", "tiny"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_export_of_a_missing_run_lists_the_runs_there(tmp_path):
+    for name, status in (("first", "completed"), ("second", "failed")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "manifest.json").write_text(json.dumps({"status": status}))
+    result = smolbox("export", "--config", "tiny", "--env-file", "", "--run.name", "frist", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "runs/frist: no training run" in result.stderr and "Runs in runs/: first (completed), second (failed)" in result.stderr
+    from smolbox.export import ExportError, resolve_source
+
+    with pytest.raises(ExportError, match=f"There are no runs in {tmp_path}/elsewhere/"):
+        resolve_source(load_config("tiny", overrides={"run.output_dir": str(tmp_path / "elsewhere")}, env={}, dotenv=None))
+
+
+def test_every_config_field_has_a_description():
+    from smolbox.config import cli_fields
+
+    assert [key for key, info in cli_fields() if not info.description] == []

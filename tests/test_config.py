@@ -31,7 +31,8 @@ def test_seed_matches_trl_defaults_for_values_the_recipe_does_not_set():
     from trl import DPOConfig
 
     cfg = load_config("seed", env={}, dotenv=None)
-    trl_defaults = DPOConfig(output_dir="unused", use_cpu=True, bf16=False)
+    # activation_checkpointing: transformers 5.23's name for TRL's default gradient_checkpointing=True (which warns)
+    trl_defaults = DPOConfig(output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=True)
     assert cfg.train.learning_rate == trl_defaults.learning_rate
     assert cfg.train.beta == trl_defaults.beta
     assert cfg.train.lr_scheduler_type == str(trl_defaults.lr_scheduler_type.value)
@@ -153,3 +154,28 @@ def test_onnxruntime_session_config_values_become_text():
     cfg = load_config("default", overrides={"serve.ort_session_config": parse_scalar("{ep.cuda.fpa_intb_gemm: 1, x: true}")},
                       env={}, dotenv=None)
     assert cfg.serve.ort_session_config == {"ep.cuda.fpa_intb_gemm": "1", "x": "1"}
+
+
+def test_a_bad_value_names_where_it_came_from(tmp_path):
+    """The YAML file, a .env line (with its path), an environment variable or a CLI flag: each is named as the origin."""
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("train:\n  beta: -1\n")
+    dotenv = tmp_path / "my.env"
+    dotenv.write_text("# comment\nSMOLBOX_TRAIN__SEED=seven\nSMOLBOX_RUN__DEVICE=tpu\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(yaml_file, overrides={"train.logging_steps": 0}, env={"SMOLBOX_RUN__DEVICE": "gpu"}, dotenv=dotenv)
+    lines = {line.split(":")[0].strip(): line for line in str(err.value).splitlines()[1:]}
+    assert f"from {yaml_file}" in lines["train.beta"]
+    assert f"from line 2 of {dotenv} (SMOLBOX_TRAIN__SEED)" in lines["train.seed"]
+    assert "from environment variable SMOLBOX_RUN__DEVICE" in lines["run.device"]  # the environment beats .env
+    assert "from --train.logging_steps" in lines["train.logging_steps"]
+    with pytest.raises(ConfigError, match=rf"line 1 of {dotenv} \(SMOLBOX_CONFIG\): config file not found: nope"):
+        dotenv.write_text("SMOLBOX_CONFIG=nope\n")
+        load_config(None, env={}, dotenv=dotenv)
+
+
+def test_unknown_keys_list_the_valid_ones_closest_first(tmp_path):
+    with pytest.raises(ConfigError, match=r"^environment variable SMOLBOX_TRAIN__LEARNING_RAT: .*closest first: learning_rate, "):
+        load_config("tiny", env={"SMOLBOX_TRAIN__LEARNING_RAT": "1"}, dotenv=None)
+    with pytest.raises(ConfigError, match=r"sections, closest first: train, "):
+        load_config("tiny", overrides={"trian.seed": 1}, env={}, dotenv=None)

@@ -369,3 +369,57 @@ def test_batches_stay_within_the_prefill_logits_budget():
     assert engine._prefill_fits([prompt(1107)] * 7, prompt(1107))  # 8 image prompts: 1.6 GiB of logits
     assert not engine._prefill_fits([prompt(1107)] * 31, prompt(1107))  # 32 of them crashed the CUDA provider
     assert not engine._prefill_fits([prompt(100)], prompt(8192))
+
+
+def exchange(url, body=None, headers=None, path="/v1/chat/completions"):
+    """(status, headers, body text) of one request; a body makes it a POST."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.headers, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read().decode()
+
+
+def test_api_key_must_match_exactly_and_a_401_names_the_bearer_scheme(server):
+    """hmac.compare_digest decides; its constant time is not measured here (speed and timing belong in benchmarks)."""
+    for wrong in (API_KEY[:-1], API_KEY + "x", API_KEY[:-1] + "X", "", f"bearer {API_KEY}"):
+        status, headers, body = exchange(server.url, headers={"Authorization": f"Bearer {wrong}"} if wrong else {}, path="/v1/models")
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer", (wrong, status)
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert exchange(server.url, headers={"Authorization": f"Bearer {API_KEY}"}, path="/v1/models")[0] == 200
+
+
+def test_json_request_log_and_request_ids(folder):
+    server = Server(folder, api_key=API_KEY, log_format="json")
+    secret_question = "What is the secret word hidden in zebra stripes?"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        status, headers, body = exchange(server.url, chat(secret_question, png((1, 2, 3)), max_tokens=5),
+                                         {**auth, "X-Request-ID": "gateway-42"})
+        assert status == 200 and headers["X-Request-ID"] == "gateway-42"
+        usage = json.loads(body)["usage"]
+        status, headers, streamed = exchange(server.url, {**chat("stream it", None, max_tokens=4), "stream": True},
+                                             {**auth, "X-Request-ID": "bad id\twith spaces"})
+        assert status == 200 and len(headers["X-Request-ID"]) == 32 and headers["X-Request-ID"] != "bad id"
+        stream_id = headers["X-Request-ID"]
+        assert streamed.rstrip().endswith("data: [DONE]")
+        status, headers, _ = exchange(server.url, chat("no key", None))
+        assert status == 401 and headers["X-Request-ID"] and headers["WWW-Authenticate"] == "Bearer"
+        unauthorized_id = headers["X-Request-ID"]
+    finally:
+        server.stop()
+    output = server.proc.stdout.read()
+    lines = [line for line in output.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line the server printed is one JSON object
+    assert any(r["logger"].startswith("uvicorn") for r in records) and any(r["logger"] == "smolbox.serve" for r in records)
+    access = {r["request_id"]: r for r in records if r["logger"] == "smolbox.serve.access"}
+    first = access["gateway-42"]
+    assert (first["method"], first["path"], first["status"]) == ("POST", "/v1/chat/completions", 200)
+    assert first["latency_ms"] > 0
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert access[stream_id]["status"] == 200 and access[stream_id]["completion_tokens"] >= 1
+    assert access[unauthorized_id]["status"] == 401 and "prompt_tokens" not in access[unauthorized_id]
+    assert "/health" not in {r["path"] for r in access.values()}  # probes are logged at debug level
+    assert secret_question not in output and "zebra" not in output and "base64" not in output and "stream it" not in output
