@@ -49,12 +49,22 @@ def test_env_file_feeds_the_config(tmp_path):
     assert "learning_rate: 0.25" in result.stdout and "builtin:tiny" in result.stdout
 
 
-@pytest.mark.parametrize("stage", ["verify", "train", "export", "serve"])
+@pytest.mark.parametrize("stage", ["verify", "export", "serve"])
 def test_entrypoints_only_exec_the_cli(stage):
     script = (REPO / "entrypoints" / stage).read_text().strip().splitlines()
     commands = [line for line in script if line and not line.startswith("#")]
     assert commands == [f'exec smolbox {stage} "$@"']
     assert os.access(REPO / "entrypoints" / stage, os.X_OK)
+
+
+def test_train_entrypoint_execs_the_cli_itself_or_through_torchrun():
+    """Its behaviour on several processes and hosts runs in tests/test_distributed.py."""
+    script = (REPO / "entrypoints" / "train").read_text()
+    execs = [line.strip() for line in script.splitlines() if line.strip().startswith("exec ")]
+    assert execs[-1] == 'exec smolbox train "$@"'
+    assert all(e.startswith("exec torchrun ") for e in execs[:-1]) and len(execs) == 3
+    assert script.count('-m smolbox train "$@"') == 2
+    assert os.access(REPO / "entrypoints" / "train", os.X_OK)
 
 
 @pytest.mark.parametrize("command", ["verify", "train", "export", "serve"])

@@ -35,5 +35,5 @@ def test_readme_layout_names_every_file():
     assert not missing, f"README Layout lacks {missing}"
 
 
-# Not part of the tree: what a checkout makes as it is used (.gitignore).
-IGNORED = {"runs", "exports", "build", "smolbox.egg-info", "__pycache__", ".env", ".smolbox-cache", ".whl"}
+# Not part of the tree: what a checkout makes as it is used (.gitignore), and GPU-session carries (.devcarry).
+IGNORED = {"runs", "exports", "build", "smolbox.egg-info", "__pycache__", ".env", ".smolbox-cache", ".whl", ".devcarry"}
