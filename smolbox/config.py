@@ -91,6 +91,7 @@ class TrainConfig(_Section):
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the training process)")
     precompute_ref_logps: bool = Field(False, description="Reference log-probs in one pass before training instead of in every step (the reference is fixed: same loss)")
     seed: int = Field(42, description="Seed for weights init, data order and sampling")
+    report_to: list[str] = Field(default_factory=list, description="Trackers TRL/transformers log to (tensorboard, wandb, trackio, ...; each needs its package); [] = none")
 
 
 class RunConfig(_Section):
@@ -134,6 +135,16 @@ class ExportConfig(_Section):
     overwrite: bool = Field(False, description="Replace an existing export folder of the same name")
 
 
+class EvalConfig(_Section):
+    run: str | None = Field(None, description="Run folder or adapter folder to score against its base, 'base' for the base model alone, 'none' to skip; null = <run.output_dir>/<run.name> when it exists")
+    export: str | None = Field(None, description="Export folder whose ONNX variants to score, 'none' to skip; null = <export.output_dir>/<export.name or run.name> when it exists")
+    split: str | None = Field(None, description="Held-out preference split; null = data.eval_split")
+    max_samples: int | None = Field(100, gt=0, description="Score the first N pairs of the split; null = all")
+    max_new_tokens: int = Field(64, gt=0, description="Greedy tokens generated per question")
+    batch_size: int = Field(8, gt=0, description="Pairs (or questions) per forward / generate call")
+    variants: list[ExportVariant] | None = Field(None, description="Export variants to score; null = every variant the export has")
+
+
 class ServeConfig(_Section):
     model: str | None = Field(None, description="Export folder to serve; null = <export.output_dir>/<export.name or run.name>")
     variant: Literal["auto", "fp32", "fp16", "q8", "q4", "q4f16", "int8"] = Field(
@@ -175,18 +186,25 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def export_dir(self) -> Path:
+        """Where export writes and eval and serve read by default: <export.output_dir>/<export.name or run.name>."""
+        return Path(self.export.output_dir) / (self.export.name or self.run.name)
 
     def fingerprint(self) -> str:
         """Hash of everything that shapes the trained weights; resume-only settings are left out."""
         data = self.to_dict()
         data["run"] = {k: v for k, v in data["run"].items() if k not in {"resume", "min_free_disk_gb", "hf_cache"}}
         data["data"].pop("num_proc", None)
-        data.pop("export", None)  # export and serve settings do not change the trained weights
+        data.pop("export", None)  # export, eval and serve settings do not change the trained weights
+        data.pop("eval", None)
         data.pop("serve", None)
+        data["train"].pop("report_to", None)  # where metrics are also sent
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

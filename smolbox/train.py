@@ -44,6 +44,7 @@ class TrainResult:
     manifest: dict
     global_step: int
     resumed_from: str | None
+    plot: Path | None = None  # training curves (PNG), when matplotlib is installed
 
 
 def train(cfg: Config) -> TrainResult:
@@ -108,7 +109,10 @@ def _run(cfg: Config, run_dir: Path, resume_from: str | None, manifest: dict) ->
     )
     write_json_atomic(run_dir / "manifest.json", manifest)
     log.info("done: %d optimizer steps, adapter in %s", trainer.state.global_step, adapter_dir)
-    return TrainResult(run_dir, adapter_dir, manifest, trainer.state.global_step, resume_from)
+    from .plots import plot_training
+
+    plot = plot_training(run_dir)
+    return TrainResult(run_dir, adapter_dir, manifest, trainer.state.global_step, resume_from, plot)
 
 
 def load_model(cfg: Config, device: str, attn: str, model_path: str):
@@ -166,7 +170,7 @@ def _build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tr
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.dataloader_num_workers,
         seed=t.seed, data_seed=t.seed,
-        prediction_loss_only=True, report_to=[], disable_tqdm=False,
+        prediction_loss_only=True, report_to=list(t.report_to) or "none", disable_tqdm=False,
     )
     peft_config = LoraConfig(
         r=cfg.adapter.r, lora_alpha=cfg.adapter.alpha, lora_dropout=cfg.adapter.dropout,
