@@ -15,6 +15,7 @@ serving path: smolbox.preprocess + smolbox.runtime), and each variant's token ag
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import time
@@ -97,8 +98,8 @@ def held_out_rows(cfg: Config) -> tuple[list[dict], str]:
         raise EvalError("no held-out split: set eval.split (or data.eval_split), e.g. test")
     try:
         loaded = load_preference_data(cfg.data, split)
-    except DataError as exc:
-        raise EvalError(f"held-out split: {exc}") from exc
+    except (DataError, ValueError) as exc:  # datasets says ValueError for a split the data does not have
+        raise EvalError(f"held-out split {split!r} of {cfg.data.id}: {exc}") from exc
     dataset = loaded.dataset
     if cfg.eval.max_samples:
         dataset = dataset.select(range(min(cfg.eval.max_samples, len(dataset))))
@@ -242,19 +243,31 @@ def _pairs(parts: list) -> tuple[np.ndarray, np.ndarray]:
 def _generate_torch(model, processor, rows: list[dict], cfg: Config, adapter: bool) -> list[str]:
     import contextlib
 
+    disabled = contextlib.nullcontext() if adapter or not hasattr(model, "disable_adapter") else model.disable_adapter()
+    with disabled:
+        return generate_answers(model, processor, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+
+
+def generate_answers(model, processor, rows: list[dict], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers of a transformers model to each row's prompt, prompts left-padded in batches."""
     import torch
 
-    disabled = contextlib.nullcontext() if adapter or not hasattr(model, "disable_adapter") else model.disable_adapter()
     answers = []
-    with torch.no_grad(), disabled:
-        for batch_rows in _batches(rows, cfg.eval.batch_size):
+    with torch.no_grad():
+        for batch_rows in _batches(rows, batch_size):
             texts = [processor.apply_chat_template(r["prompt"], add_generation_prompt=True) for r in batch_rows]
-            images = [r["images"] for r in batch_rows]
+            images = [_images(r) for r in batch_rows]
             inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt").to(model.device)
-            out = model.generate(**inputs, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers += [a.strip() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
     return answers
+
+
+def _images(row: dict) -> list:
+    """A row's images as PIL images (cleaned rows hold them decoded; raw rlaif-v rows as {'bytes', 'path'})."""
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(i["bytes"])).convert("RGB") if isinstance(i, dict) else i for i in row["images"]]
 
 
 # ---- an export: every variant through ONNX Runtime ----------------------------------------------------------
@@ -293,7 +306,7 @@ def eval_export(cfg: Config, folder: Path, rows: list[dict], split: str) -> Eval
         preprocessor.pixel_dtype = runtime.pixel_dtype
         generated = []
         for batch_texts, batch_rows in zip(_batches(texts, cfg.eval.batch_size), _batches(rows, cfg.eval.batch_size)):
-            encoded = [preprocessor.encode(t, list(r["images"])) for t, r in zip(batch_texts, batch_rows)]
+            encoded = [preprocessor.encode(t, _images(r)) for t, r in zip(batch_texts, batch_rows)]
             inputs = pad_batch(encoded, preprocessor.pad_token_id)
             out = runtime.generate(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
                                    inputs.get("pixel_attention_mask"), cfg.eval.max_new_tokens)
