@@ -65,6 +65,7 @@ def plot_training(run_dir: str | Path) -> Path | None:
                 ax.plot(*zip(*held_out), color=EVAL_COLOR, marker="o", linestyle="--", label="eval")
         if key == "rewards/accuracies":
             ax.set_ylim(-0.02, 1.02)
+        ax.ticklabel_format(axis="y", useOffset=False)  # a constant learning rate reads as 0.0005, not 0 + 5e-4
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -101,8 +102,8 @@ def _plot_run_eval(report: dict, path: Path) -> Path | None:
     ax.set_xticks(list(x), labels)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("share of held-out pairs")
-    ax.legend(loc="lower right", fontsize="small")
-    ax.set_title(f"{report['source']}: {report['samples']} held-out pairs ({report['split']})", fontsize="medium")
+    _legend_and_title(ax, f"{report['source']}: {report['samples']} held-out pairs ({report['split']})")
+    fig.supxlabel("the base's reward accuracy is n/a (policy = reference): its fair 'before' is its win rate", fontsize="x-small", color="dimgray")
     return _save(fig, path)
 
 
@@ -124,9 +125,14 @@ def _plot_export_eval(report: dict, path: Path) -> Path | None:
     ax.set_xticks(list(x), [v if s is None else f"{v}\n{s:.2g} MB" for v, s in zip(variants, sizes)])
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("share of held-out questions / tokens")
-    ax.legend(loc="lower right", fontsize="small")
-    ax.set_title(f"{Path(report['folder']).name}: {report['samples']} held-out questions ({report['split']})", fontsize="medium")
+    _legend_and_title(ax, f"{Path(report['folder']).name}: {report['samples']} held-out questions ({report['split']})")
     return _save(fig, path)
+
+
+def _legend_and_title(ax, title: str) -> None:
+    """Legend in a row above the bars (inside they hide the bar labels), the title above it."""
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize="small", frameon=False)
+    ax.figure.suptitle(title, fontsize="medium")
 
 
 def _save(fig, path: Path) -> Path:

@@ -165,3 +165,15 @@ def test_cli_refusal_exits_non_zero(runs, reference_run):
     args = cli_args(runs, "reference") + ["--train.learning_rate", "0.5"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "different config" in result.stderr
+
+
+def test_report_to_passes_through_to_the_trackers(runs):
+    """train.report_to goes to transformers' integrations as it is (off by default): without the tracker's package
+    the run stops before its first step, naming what is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    assert load_config("tiny", env={}, dotenv=None).train.report_to == []
+    with pytest.raises(RuntimeError, match="requires tensorboard"):
+        train(tiny_cfg(runs, "tracked", **{"train.report_to": ["tensorboard"], "data.eval_split": None}))
