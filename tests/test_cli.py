@@ -31,7 +31,7 @@ def test_demo_runs_every_stage_offline_and_answers_right(tmp_path, tiny_bundle):
     assert re.search(r"training changed: held-out answers right \d+% -> \d+%", out)
     for variant in ("fp32", "fp16", "q8", "q4", "q4f16", "int8"):
         assert re.search(rf"^ *{variant} kept: answers right \d+%", out, re.M), variant
-    assert "smolbox serve --config tiny" in out and "curl" in out
+    assert "smolbox serve --config tiny" in out and "curl" in out and "parity flagged" not in out
     for picture in ("runs/tiny/training.png", "runs/tiny/eval.png", "exports/tiny/eval.png"):
         assert picture in out and (tmp_path / picture).read_bytes().startswith(b"\x89PNG"), picture
 

@@ -121,6 +121,21 @@ def test_bad_input_is_a_clear_error(root, overrides, message):
         evaluate(cfg_for(root, **overrides))
 
 
+def test_a_base_model_from_a_local_folder_on_a_local_data_file(root, tmp_path, tiny_bundle):
+    """No run needed: eval.run=base scores model.id (here a local folder; a hub id works the same way) on any
+    preference data smolbox reads (here one parquet file, whose split takes the name it is given)."""
+    root, _ = root
+    data = tmp_path / "pairs.parquet"
+    shutil.copy(tiny_bundle / "data" / "data" / "test-00000-of-00001.parquet", data)
+    cfg = cfg_for(root, **{"model.id": str(tiny_bundle / "model"), "data.id": str(data), "eval.run": "base",
+                           "eval.export": "none", "eval.split": "heldout[:6]", "run.name": "base-only"})
+    [result] = evaluate(cfg)
+    assert result.path == root / "runs" / "base-only" / "eval-base.json"
+    report = result.report
+    assert report["samples"] == 6 and report["adapter"] is None and report["model_id"] == str(tiny_bundle / "model")
+    assert 0 <= report["base"]["greedy"]["exact"] <= 1 and "n/a" in result.table()
+
+
 def test_an_export_without_any_variant_is_refused(root, tmp_path):
     root, _ = root
     empty = tmp_path / "empty-export"
