@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", "merge adapters, write ONNX graphs and quantized variants, check parity"),
         ("eval", "score a run (base against adapter) and its export (every ONNX variant) on a held-out split"),
         ("serve", "OpenAI-compatible chat server over an export's ONNX graphs (no torch)"),
-        ("demo", "verify + train + export on the embedded tiny bundle, offline, on CPU"),
+        ("demo", "verify, train, export, eval and serve one question on the embedded tiny bundle, offline, on CPU"),
         ("config", "print the resolved config as YAML"),
     ):
         p = sub.add_parser(name, help=helptext)
@@ -75,6 +75,15 @@ def _verify(cfg) -> int:
     return 0 if report.ok else BLOCKED_EXIT
 
 
+def _refused(stage, refusal: type[Exception], cfg):
+    """Run a stage; its refusal (a config or run it cannot use) is one line on stderr and None."""
+    try:
+        return stage(cfg)
+    except refusal as exc:
+        print(f"smolbox: {exc}", file=sys.stderr)
+        return None
+
+
 def _train(cfg) -> int:
     from .train import RunError, train
 
@@ -93,10 +102,8 @@ def _eval(cfg, results: list | None = None) -> int:
     from .eval import EvalError, evaluate
 
     _console_logging()
-    try:
-        done = evaluate(cfg)
-    except EvalError as exc:
-        print(f"smolbox: {exc}", file=sys.stderr)
+    done = _refused(evaluate, EvalError, cfg)
+    if done is None:
         return BLOCKED_EXIT
     for result in done:
         print(result.table())
@@ -110,10 +117,8 @@ def _export(cfg) -> int:
     from .export import ExportError, export
 
     _console_logging()
-    try:
-        result = export(cfg)
-    except ExportError as exc:
-        print(f"smolbox: {exc}", file=sys.stderr)
+    result = _refused(export, ExportError, cfg)
+    if result is None:
         return BLOCKED_EXIT
     flagged = result.manifest["parity_flagged"]
     print(f"export: {result.folder}" + (f"\nparity flagged: {', '.join(flagged)} (see parity.json)" if flagged else ""))
