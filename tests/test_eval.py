@@ -56,7 +56,7 @@ def test_training_fixes_the_flaw_on_held_out_pairs(results):
     assert adapter["reward_accuracy"] >= 0.9
     assert adapter["reward_accuracy"] >= base["win_rate"] + 0.2
     assert adapter["reward_margin_mean"] > 0 and adapter["win_rate"] >= 0.9
-    assert adapter["greedy"]["exact"] >= base["greedy"]["exact"] + 0.3
+    assert adapter["greedy"]["exact"] >= base["greedy"]["exact"] + 0.2
     assert any(e["base"] != e["adapter"] for e in report["examples"])
 
 
