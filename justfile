@@ -41,6 +41,10 @@ export *ARGS: _dirs
     name=$({{ just_executable() }} --justfile {{ justfile() }} _export-name "$@") && \
       bash scripts/bake-serve-image "{{ exports_dir }}/$name" "{{ serve_image }}:$name" "${SMOLBOX_SERVE__VARIANT:-auto}"
 
+# Score the run (base against adapter) and its export (every ONNX variant) on the held-out split, in the training image
+eval *ARGS: _dirs
+    {{ compose }} run --rm eval "$@"
+
 # Serve a baked export (default: the configured run's) on SMOLBOX_SERVE_BIND:SMOLBOX_SERVE_PORT
 serve NAME="":
     name="$1"; [ -n "$name" ] || name=$({{ just_executable() }} --justfile {{ justfile() }} _export-name); \

@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -115,7 +116,7 @@ def preference_rows(n: int, seed: int, size: tuple[int, int] = IMAGE_SIZE, compl
     """tiny.preference_rows' schema and drawings, with 512x384 images and rlaif-v-length answers."""
     rng = random.Random(seed)
     names = list(tiny.COLORS)
-    vocab = [w for line in tiny._corpus()[:40] for w in line.lower().strip(".?").split()]
+    vocab = [w for line in tiny._corpus()[:40] for w in re.findall(r"[a-z]+", line.lower())]  # the chat's words too
     rows = []
     for _ in range(n):
         shape, color = rng.choice(tiny.SHAPES), rng.choice(names)

@@ -98,7 +98,7 @@ ARG LOCK_SHA256=""
 ARG GIT_COMMIT=unknown
 ARG FLASH_ATTN_WHEEL=""
 LABEL org.opencontainers.image.title="smolbox-train" \
-      org.opencontainers.image.description="SmolVLM DPO training: smolbox verify / train / export" \
+      org.opencontainers.image.description="SmolVLM DPO training: smolbox verify / train / export / eval" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       org.opencontainers.image.base.name="${BASE_IMAGE}" \
       io.smolbox.lock="requirements/train-${TORCH}.lock" \
@@ -109,6 +109,7 @@ LABEL org.opencontainers.image.title="smolbox-train" \
 # ORT_*: ONNX Runtime >= 1.29 on Linux uploads telemetry (1DS) unless opted out; 1.31 reads ORT_DISABLE_TELEMETRY,
 # newer sources ORT_TELEMETRY_DISABLED. The images make no outbound requests of their own accord.
 # SMOLBOX_BASE_IMAGE / SMOLBOX_LOCK_SHA256 / SMOLBOX_GIT_COMMIT go into every run manifest (manifest.image_labels).
+# MPLCONFIGDIR: matplotlib's font cache (plots of runs and evals) on the cache volume, writable whatever --user runs it.
 ENV PATH=/opt/smolbox/venv/bin:/opt/smolbox/src/entrypoints:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -119,6 +120,7 @@ ENV PATH=/opt/smolbox/venv/bin:/opt/smolbox/src/entrypoints:$PATH \
     SMOLBOX_FLASH_ATTN_WHEEL=${FLASH_ATTN_WHEEL:-none} \
     HF_HOME=/data/cache/huggingface \
     SMOLBOX_CACHE=/data/cache/smolbox \
+    MPLCONFIGDIR=/data/cache/matplotlib \
     SMOLBOX_RUN__OUTPUT_DIR=/data/runs \
     SMOLBOX_EXPORT__OUTPUT_DIR=/data/exports \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Check the image locks (stdlib only, no network): every pin is exact and hashed, the CUDA and CPU variants of
-each image pin the same versions, the serving locks carry no torch, and every lock agrees with requirements/dev.txt.
+each image pin the same versions, the serving locks carry no torch (nor matplotlib), and every lock agrees with requirements/dev.txt.
 Run by scripts/lock after writing them and by scripts/ci-containers before building.
 
     check_locks.py                 check requirements/*.lock
@@ -80,8 +80,9 @@ def main() -> int:
             if va is None or vb is None or base(va) != base(vb):
                 problems.append(f"{a}.lock has {pkg} {va}, {b}.lock has {vb}")
     for name in ("serve-cuda", "serve-cpu"):
-        if "torch" in pins[name]:
-            problems.append(f"{name}.lock pins torch: the serving image must not carry it")
+        for training_only in ("torch", "matplotlib"):
+            if training_only in pins[name]:
+                problems.append(f"{name}.lock pins {training_only}: the serving image must not carry it")
     if base(pins["serve-cuda"].get("onnxruntime-gpu", "?")) != base(pins["serve-cpu"].get("onnxruntime", "!")):
         problems.append("serve-cuda.lock's onnxruntime-gpu and serve-cpu.lock's onnxruntime differ")
     for name, lock in pins.items():

@@ -34,8 +34,9 @@ COMMANDS = {
     "verify": "preflight checks; exits non-zero on a blocking failure",
     "train": "DPO training with DoRA on a 4-bit base",
     "export": "merge adapters, write ONNX graphs and quantized variants, check parity",
+    "eval": "score a run (base against adapter) and its export (every ONNX variant) on a held-out split",
     "serve": "OpenAI-compatible chat server over an export's ONNX graphs (no torch)",
-    "demo": "verify + train + export + serve on the embedded tiny bundle, offline, on CPU",
+    "demo": "verify, train, export, eval and serve one question on the embedded tiny bundle, offline, on CPU",
     "config": "print the resolved config as YAML",
 }
 
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         # other lines. Set before any Hugging Face library is imported (they read these once); 0 keeps them.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    return {"verify": _verify, "train": _train, "export": _export, "serve": _serve, "demo": _demo, "config": _print_config}[ns.command](cfg)
+    return {"verify": _verify, "train": _train, "export": _export, "eval": _eval, "serve": _serve, "demo": _demo,
+            "config": _print_config}[ns.command](cfg)
 
 
 def _print_config(cfg) -> int:
@@ -106,6 +108,15 @@ def _verify(cfg) -> int:
     return 0 if report.ok else BLOCKED_EXIT
 
 
+def _refused(stage, refusal: type[Exception], cfg):
+    """Run a stage; its refusal (a config or run it cannot use) is one line on stderr and None."""
+    try:
+        return stage(cfg)
+    except refusal as exc:
+        print(f"smolbox: {exc}", file=sys.stderr)
+        return None
+
+
 def _train(cfg) -> int:
     from .distributed import world
     from .train import RunError, train
@@ -118,6 +129,23 @@ def _train(cfg) -> int:
         return BLOCKED_EXIT
     if world().is_main:
         print(f"adapter: {result.adapter_dir}\nmanifest: {result.run_dir / 'manifest.json'}")
+        if result.plot:
+            print(f"training curves: {result.plot}")
+    return 0
+
+
+def _eval(cfg, results: list | None = None) -> int:
+    from .eval import EvalError, evaluate
+
+    _console_logging()
+    done = _refused(evaluate, EvalError, cfg)
+    if done is None:
+        return BLOCKED_EXIT
+    for result in done:
+        print(result.table())
+        print(f"eval: {result.path}" + (f"\nchart: {result.plot}" if result.plot else ""))
+    if results is not None:
+        results.extend(done)
     return 0
 
 
@@ -125,10 +153,8 @@ def _export(cfg) -> int:
     from .export import ExportError, export
 
     _console_logging()
-    try:
-        result = export(cfg)
-    except ExportError as exc:
-        print(f"smolbox: {exc}", file=sys.stderr)
+    result = _refused(export, ExportError, cfg)
+    if result is None:
         return BLOCKED_EXIT
     flagged = result.manifest["parity_flagged"]
     print(f"export: {result.folder}" + (f"\nparity flagged: {', '.join(flagged)} (see parity.json)" if flagged else ""))
@@ -161,6 +187,13 @@ def _console_logging() -> None:
 
 def _demo(cfg) -> int:
     started = time.perf_counter()
+    _console_logging()  # the first run builds (and pretrains) the tiny bundle: say so while it happens
+    if cfg.model.id == "builtin:tiny" and cfg.run.device == "cpu":
+        import torch
+
+        # The tiny model's 64-wide ops gain nothing from a second thread, and on a busy machine contending threads
+        # made its training several times slower (docs/eval.md).
+        torch.set_num_threads(1)
     print("== smolbox demo: verify ==")
     if _verify(cfg) != 0:
         return BLOCKED_EXIT
@@ -169,15 +202,57 @@ def _demo(cfg) -> int:
     if code == 0:
         print("== smolbox demo: export ==")
         code = _export(cfg.model_copy(update={"export": cfg.export.model_copy(update={"overwrite": True})}))
+    evals: list = []
     if code == 0:
-        print("== smolbox demo: serve ==")
-        from .serve import demo_request
+        print("== smolbox demo: eval ==")
+        code = _eval(cfg, evals)
+    if code != 0:
+        return code
+    print("== smolbox demo: serve ==")
+    from . import tiny
+    from .serve import demo_request
 
-        question, answer = demo_request(cfg)
-        print(f"Q: {question}\nA: {answer!r}")
-    if code == 0:
-        print(f"== smolbox demo finished in {time.perf_counter() - started:.0f} s ==")
-    return code
+    scene, question, expected = tiny.demo_question()
+    picture = Path(cfg.run.output_dir) / cfg.run.name / "demo-question.png"
+    scene.image.save(picture)
+    answer = demo_request(cfg, scene.image, question).strip()
+    print(f"Q: {question}  (picture: {picture})\nA: {answer}" + ("" if tiny.is_builtin(cfg.model.id) and answer == expected
+                                                                else f"  (expected: {expected})" if tiny.is_builtin(cfg.model.id) else ""))
+    print("\n".join(_demo_summary(evals)))
+    print(_next_step(cfg, picture, question))
+    print(f"== smolbox demo finished in {time.perf_counter() - started:.0f} s ==")
+    return 0
+
+
+def _demo_summary(evals: list) -> list[str]:
+    """One line on what training changed, one per export variant on what it kept."""
+    lines = []
+    for result in evals:
+        r = result.report
+        if result.kind == "run" and r["adapter"]:
+            base, adapter = r["base"], r["adapter"]
+            lines.append(f"training changed: held-out answers right {base['greedy']['exact']:.0%} -> {adapter['greedy']['exact']:.0%}; "
+                         f"chosen answer preferred {base['win_rate']:.0%} -> {adapter['win_rate']:.0%} (DPO reward accuracy "
+                         f"{adapter['reward_accuracy']:.0%}; {r['samples']} held-out pairs)")
+        elif result.kind == "export":
+            for variant, entry in r["variants"].items():
+                agreement = entry.get("token_agreement")
+                size = entry.get("weight_mb")
+                lines.append(f"{variant:>5} kept: answers right {entry['greedy']['exact']:.0%}"
+                             + ("" if agreement is None else f", tokens equal to fp32's {agreement:.0%}")
+                             + ("" if size is None else f", {size:.2g} MB of weights"))
+    return lines
+
+
+def _next_step(cfg, picture: Path, question: str) -> str:
+    import json
+
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,IMAGE"}},
+                                                      {"type": "text", "text": question}]}], "max_tokens": 16}
+    data = json.dumps(body).replace("IMAGE", f"'\"$(base64 -w0 {picture})\"'")
+    config = "tiny" if cfg.model.id == "builtin:tiny" else "<the same config>"
+    return (f"next: serve it over HTTP with `smolbox serve --config {config}`, then ask it from another shell:\n"
+            f"  curl -s http://{cfg.serve.host}:{cfg.serve.port}/v1/chat/completions -H 'Content-Type: application/json' -d '{data}'")
 
 
 if __name__ == "__main__":

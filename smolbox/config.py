@@ -104,6 +104,7 @@ class TrainConfig(_Section):
     ddp_timeout_s: int = Field(
         1800, gt=0, description="Several processes: how long a collective may wait before the job fails (a dead "
                                 "process on another host ends the others after this); must exceed the first data preparation")
+    report_to: list[str] = Field(default_factory=list, description="Trackers TRL/transformers log to (tensorboard, wandb, trackio, ...; each needs its package); [] = none")
 
 
 class RunConfig(_Section):
@@ -145,6 +146,16 @@ class ExportConfig(_Section):
     quantized_max_logit_diff: float = Field(2.0, gt=0, description="Quantized variants beyond this are flagged loudly")
     quantized_min_agreement: float = Field(0.5, ge=0, le=1, description="Quantized variants with less greedy agreement are flagged")
     overwrite: bool = Field(False, description="Replace an existing export folder of the same name")
+
+
+class EvalConfig(_Section):
+    run: str | None = Field(None, description="Run folder or adapter folder to score against its base, 'base' for the base model alone, 'none' to skip; null = <run.output_dir>/<run.name> when it exists")
+    export: str | None = Field(None, description="Export folder whose ONNX variants to score, 'none' to skip; null = <export.output_dir>/<export.name or run.name> when it exists")
+    split: str | None = Field(None, description="Held-out preference split; null = data.eval_split")
+    max_samples: int | None = Field(100, gt=0, description="Score the first N pairs of the split; null = all")
+    max_new_tokens: int = Field(64, gt=0, description="Greedy tokens generated per question")
+    batch_size: int = Field(8, gt=0, description="Pairs (or questions) per forward / generate call")
+    variants: list[ExportVariant] | None = Field(None, description="Export variants to score; null = every variant the export has")
 
 
 class ServeConfig(_Section):
@@ -191,10 +202,15 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def export_dir(self) -> Path:
+        """Where export writes and eval and serve read by default: <export.output_dir>/<export.name or run.name>."""
+        return Path(self.export.output_dir) / (self.export.name or self.run.name)
 
     def fingerprint(self) -> str:
         """Hash of the settings that shape the trained weights (WEIGHT_KEYS); see weight_settings."""
@@ -213,8 +229,8 @@ def get_dotted(tree: dict, dotted: str) -> Any:
 # What shapes the trained weights, and so the run fingerprint: a run folder is resumed only with these unchanged.
 # Everything else may change between a crash and its resume: where files go and how often to log, evaluate and
 # save; how the work is split (micro-batch, number of processes, loader workers); switches that compute the same
-# function another way (attention kernel, fused DoRA, checkpointing, precomputed reference log-probs); and export
-# and serve settings. The run's length (LENGTH_KEYS) is compared on its own: raising it continues a run.
+# function another way (attention kernel, fused DoRA, checkpointing, precomputed reference log-probs); where
+# metrics also go (report_to); and export, eval and serve settings. The run's length (LENGTH_KEYS) is compared on its own: raising it continues a run.
 # tests/test_config.py classifies every field, so a new field must be placed in one of these lists.
 WEIGHT_KEYS = (
     "model.id", "model.revision", "model.dtype",

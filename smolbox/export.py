@@ -40,7 +40,7 @@ from . import __version__, onnx_decoder, onnx_vision, tiny
 from .config import Config, QuantConfig
 from .env import git_commit, hf_hub_cache, package_versions, resolve_device
 from .manifest import now, read_json, write_json_atomic
-from .runtime import GRAPHS, OnnxVLM, graph_path
+from .runtime import GRAPHS, OnnxVLM, graph_path, variant_providers
 
 log = logging.getLogger("smolbox.export")
 
@@ -139,11 +139,13 @@ def export(cfg: Config) -> ExportResult:
 # ---- source and merge ---------------------------------------------------------------------------------------
 
 
-def resolve_source(cfg: Config) -> Source:
-    """A training run (its manifest says which base and quantization it trained on), an adapter folder, or 'base'."""
-    if cfg.export.source == "base":
+def resolve_source(cfg: Config, source: str | None = None) -> Source:
+    """A training run (its manifest says which base and quantization it trained on), an adapter folder, or 'base':
+    `source` (smolbox eval's eval.run), else export.source; null = <run.output_dir>/<run.name>."""
+    source = source or cfg.export.source
+    if source == "base":
         return Source("base", cfg.model.id, cfg.quant, None, None, cfg.run.name)
-    path = Path(cfg.export.source or Path(cfg.run.output_dir) / cfg.run.name)
+    path = Path(source or Path(cfg.run.output_dir) / cfg.run.name)
     manifest = read_json(path / "manifest.json")
     if manifest is not None:
         if manifest.get("status") != "completed" or not (path / "adapter" / "adapter_config.json").is_file():
@@ -567,15 +569,10 @@ def check_parity(model, processor, folder: Path, cfg: Config, device: str = "cpu
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
-    import onnxruntime as ort
-
-    cuda = on_gpu and "CUDAExecutionProvider" in ort.get_available_providers()
     report = {"prompts": e.parity_prompts, "new_tokens": e.parity_new_tokens,
               "reference": f"merged PyTorch model, fp32, {'CUDA' if on_gpu else 'CPU'}", "variants": {}}
     for variant in e.variants:
-        providers = ["CPUExecutionProvider"]
-        if cuda and variant != "int8":
-            providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
+        providers = variant_providers(variant, {"use_tf32": 0}) if on_gpu else ["CPUExecutionProvider"]
         runtime = OnnxVLM(folder, variant, providers=providers)
         prefill_diff = decode_diff = 0.0
         matches = total = 0

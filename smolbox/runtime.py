@@ -29,6 +29,14 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def variant_providers(variant: str, cuda_options: dict | None = None) -> list:
+    """Providers for one variant: CUDA when onnxruntime can use it, except int8 (quantize_dynamic's MatMulInteger
+    has no CUDA kernel), then the CPU."""
+    if variant == "int8" or "CUDAExecutionProvider" not in default_providers():
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", dict(cuda_options or {})), "CPUExecutionProvider"]
+
+
 # onnxruntime's CUDA MultiHeadAttention picks cuDNN's flash attention for fp16, and cuDNN builds a new plan for
 # every new sequence length: each decode step, in every layer (20 tok/s instead of 256 for q4f16 on an H100).
 # The decoder gets sdpa_kernel=2 (memory-efficient attention); the vision encoder, whose shapes repeat, keeps

@@ -664,7 +664,7 @@ async def _stream(job: GenRequest, completion_id: str, stamp: int, model_name: s
 
 
 def export_folder(cfg: Config) -> Path:
-    folder = Path(cfg.serve.model or Path(cfg.export.output_dir) / (cfg.export.name or cfg.run.name))
+    folder = Path(cfg.serve.model) if cfg.serve.model else cfg.export_dir()
     if not (folder / "onnx").is_dir() or not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not an export folder (no onnx/ or config.json): run `smolbox export` or set serve.model")
     return folder
@@ -684,8 +684,8 @@ def serve(cfg: Config) -> None:
                 timeout_graceful_shutdown=cfg.serve.drain_timeout_s, **({"log_config": None} if json_lines else {}))
 
 
-def demo_request(cfg: Config) -> tuple[str, str]:
-    """Start the server on a free loopback port, ask one image question over HTTP, shut the server down."""
+def demo_request(cfg: Config, image: Image.Image, question: str) -> str:
+    """Start the server on a free loopback port, ask one image question over HTTP, shut the server down; the answer."""
     import socket
     import urllib.request
 
@@ -709,18 +709,15 @@ def demo_request(cfg: Config) -> tuple[str, str]:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
-        image = Image.new("RGB", (64, 48), (220, 40, 40))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        question = "What color is the square?"
         body = {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}},
             {"type": "text", "text": question}]}], "temperature": 0, "max_tokens": 16}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())["choices"][0]["message"]["content"]
-        return question, answer
+            return json.loads(response.read())["choices"][0]["message"]["content"]
     finally:
         server.should_exit = True
         thread.join(timeout=30)

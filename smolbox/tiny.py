@@ -1,20 +1,35 @@
-"""The embedded tiny bundle: a SmolVLM-shaped model, its processor and an image preference set, built offline.
+"""The embedded tiny bundle: a SmolVLM-shaped model that smolbox pretrains itself, its processor and an image
+preference set, built offline.
 
-Everything is derived from fixed seeds, so two builds on any machine give the same files. The bundle is saved
-with `save_pretrained` / parquet and loaded back through exactly the code path used for hub ids.
+The task is synthetic: one drawn shape per image, and questions about its color and shape ("What color is the
+square?" -> "The square is red.", "What is in the image?" -> "A red circle."). smolbox.tiny_pretrain teaches the
+model that task. Its data has a flaw, as real annotations do: pink shapes are rare (1 picture in 16) and their
+annotators named most of them red, so the pretrained model sees pink (its vision tower tells it apart) but calls it
+red. Half of the preference set's pairs prefer the right name over that mistake (the others keep "pink" off the
+colors around it), so DPO has something real to fix, and the held-out split shows whether it did (smolbox.eval).
+
+Everything is derived from fixed seeds and built once per machine into a cache folder whose name changes with the
+builder's code and library versions. The bundle is saved with `save_pretrained` / parquet and loaded back through
+exactly the code path used for hub ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger("smolbox.tiny")
+
 BUILTIN_PREFIX = "builtin:"
-BUNDLE_VERSION = "1"
+BUNDLE_VERSION = "2"
 
 # SmolVLM-Instruct's chat template, verbatim (tokenizer and processor carry the same one).
 CHAT_TEMPLATE = (
@@ -37,9 +52,139 @@ PATCH = 8
 SCALE_FACTOR = 2
 LONGEST_EDGE = 64
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40), "purple": (140, 50, 170)}
+# ---- the task -------------------------------------------------------------------------------------------------
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
+          "purple": (140, 50, 170), "pink": (245, 120, 180)}
+RARE_COLOR, RARE_SHARE = "pink", 1 / 16  # its share of the pretraining pictures
+RARE_NAMED = 0.35  # share of those the pretraining annotations call pink; the others say:
+RARE_MISTAKE = "red"
+MAIN_COLORS = [c for c in COLORS if c != RARE_COLOR]
 SHAPES = ["square", "circle", "triangle"]
-N_TRAIN, N_TEST = 48, 8
+KINDS = ("color", "shape", "describe")
+QUESTIONS = {"color": "What color is the {shape}?", "shape": "What shape is it?", "describe": "What is in the image?"}
+# Square, so every image is 2x2 tiles + the global image after the processor's resize to 64 px. The processor
+# stretches other aspect ratios to whole tiles, which made circle and square far harder to tell apart.
+IMAGE_SIZES = [(64, 64), (60, 60), (56, 56), (48, 48)]
+N_TRAIN, N_TEST = 64, 48  # preference pairs; test is the held-out split
+
+
+def answer(kind: str, shape: str, color: str) -> str:
+    if kind == "color":
+        return f"The {shape} is {color}."
+    if kind == "shape":
+        return f"It is a {shape}."
+    return f"A {color} {shape}."  # several tokens: "A red circle." (no color starts with a vowel: no "An")
+
+
+def question(kind: str, shape: str) -> str:
+    return QUESTIONS[kind].format(shape=shape)
+
+
+@dataclass
+class Scene:
+    shape: str
+    color: str  # what is drawn
+    image: object  # PIL.Image
+    label: str = ""  # the color the pretraining annotation names (RARE_MISTAKE for most pink shapes); "" = color
+
+    def key(self) -> str:
+        """Identity of the picture, to keep the held-out images out of everything trained on."""
+        return hashlib.sha256(repr(self.image.size).encode() + self.image.tobytes()).hexdigest()
+
+
+def _draw(shape: str, color: tuple[int, int, int], size: tuple[int, int], rng: random.Random):
+    """One filled shape of 60-85% of the short side near the centre of a light, random background."""
+    from PIL import Image, ImageDraw
+
+    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    img = Image.new("RGB", size, bg)
+    d = ImageDraw.Draw(img)
+    w, h = size
+    side = int(min(w, h) * rng.uniform(0.6, 0.85))
+    # Jitter of up to 30% of the free margin: the shape moves between tiles without leaving the image.
+    x0 = round((w - side) / 2 * (1 + rng.uniform(-0.3, 0.3)))
+    y0 = round((h - side) / 2 * (1 + rng.uniform(-0.3, 0.3)))
+    box = [x0, y0, x0 + side - 1, y0 + side - 1]
+    if shape == "square":
+        d.rectangle(box, fill=color)
+    elif shape == "circle":
+        d.ellipse(box, fill=color)
+    else:
+        d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=color)
+    return img
+
+
+def _scene(rng: random.Random, color: str) -> Scene:
+    shape = rng.choice(SHAPES)
+    return Scene(shape, color, _draw(shape, COLORS[color], rng.choice(IMAGE_SIZES), rng))
+
+
+def _pretraining_color(rng: random.Random) -> str:
+    return RARE_COLOR if rng.random() < RARE_SHARE else rng.choice(MAIN_COLORS)
+
+
+def scenes(n: int, seed: int, exclude: set[str] | frozenset = frozenset(), annotated: bool = False) -> list[Scene]:
+    """n distinct pictures of the pretraining task's distribution, none in `exclude` (keys of pictures used
+    elsewhere). `annotated`: labelled as the pretraining data is (most pink shapes called red)."""
+    rng = random.Random(seed)
+    out, keys = [], set(exclude)
+    while len(out) < n:
+        scene = _scene(rng, _pretraining_color(rng))
+        if annotated and scene.color == RARE_COLOR and rng.random() >= RARE_NAMED:
+            scene.label = RARE_MISTAKE
+        if scene.key() not in keys:
+            out.append(scene)
+            keys.add(scene.key())
+    return out
+
+
+def _row(scene: Scene, kind: str, rejected: str) -> dict:
+    """One pair in the HuggingFaceH4/rlaif-v_formatted schema: images, prompt, chosen, rejected."""
+    buf = io.BytesIO()
+    scene.image.save(buf, format="PNG")
+    text = lambda t: [{"role": "assistant", "content": [{"type": "text", "text": t}]}]  # noqa: E731
+    return {
+        "images": [{"bytes": buf.getvalue(), "path": None}],
+        "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question(kind, scene.shape)}]}],
+        "chosen": text(answer(kind, scene.shape, scene.color)),
+        "rejected": text(rejected),
+    }
+
+
+def preference_pairs(n: int, seed: int, exclude: set[str] | frozenset = frozenset()) -> tuple[list[dict], set[str]]:
+    """n pairs about the pretrained model's flaw, and the keys of their pictures (none in `exclude`).
+
+    Half show a pink shape: its right name is chosen, the pretrained model's mistake (red) rejected. A quarter show
+    a red shape and a quarter another color, each with "pink" rejected, so that the fix does not spill onto the
+    colors around it. Questions: the color, or the whole picture ("A pink circle."). A pair the base model already
+    gets right with a wrong answer DPO never moves (another main color) would only add noise to the held-out
+    reward accuracy: its margin drifts either way.
+    """
+    rng = random.Random(seed)
+    rows, keys = [], set()
+    others = [c for c in MAIN_COLORS if c != RARE_MISTAKE]
+    while len(rows) < n:
+        slot = len(rows) % 4  # 0, 2: pink; 1: red; 3: another color
+        color = RARE_COLOR if slot % 2 == 0 else RARE_MISTAKE if slot == 1 else rng.choice(others)
+        scene = _scene(rng, color)
+        if scene.key() in exclude or scene.key() in keys:
+            continue
+        keys.add(scene.key())
+        kind = rng.choice(["color", "describe"])
+        wrong = answer(kind, scene.shape, RARE_MISTAKE if color == RARE_COLOR else RARE_COLOR)
+        rows.append(_row(scene, kind, wrong))
+    return rows, keys
+
+
+def demo_question() -> tuple[Scene, str, str]:
+    """`smolbox demo`'s picture, question and right answer: a pink square, the color the base model gets wrong."""
+    scene = Scene("square", RARE_COLOR, _draw("square", COLORS[RARE_COLOR], (64, 64), random.Random(DEMO_SEED)))
+    return scene, question("color", scene.shape), answer("color", scene.shape, scene.color)
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    return preference_pairs(n, seed)[0]
 
 
 def cache_root() -> Path:
@@ -59,21 +204,48 @@ def resolve(name: str, kind: str) -> str:
     return str(ensure_bundle() / kind)
 
 
+PRETRAIN_SEED, PRETRAIN_IMAGES = 11, 1536  # the pictures smolbox.tiny_pretrain learns from
+HELDOUT_SEED, HELDOUT_IMAGES = 12, 96  # pictures of the pretraining task kept out of it, to score it
+PREFERENCE_SEEDS = {"train": 1, "test": 2}
+DEMO_SEED = 3
+
+
 def bundle_dir() -> Path:
-    return cache_root() / f"tiny-v{BUNDLE_VERSION}"
+    """The cache folder of this build: its name changes with the builder's code and the libraries it depends on."""
+    return cache_root() / f"tiny-v{BUNDLE_VERSION}-{_builder_digest()}"
+
+
+def _builder_digest() -> str:
+    from importlib.metadata import version
+
+    digest = hashlib.sha256()
+    for module in ("tiny.py", "tiny_pretrain.py"):
+        digest.update((Path(__file__).parent / module).read_bytes())
+    for package in ("torch", "transformers", "tokenizers", "pillow"):
+        digest.update(f"{package}={version(package)}".encode())
+    return digest.hexdigest()[:10]
 
 
 def ensure_bundle(root: Path | None = None) -> Path:
-    """Build the bundle once (atomically: temp folder + rename) and return its folder."""
+    """Build the bundle once (pretraining included; atomically: temp folder + rename) and return its folder."""
     root = root or bundle_dir()
     if (root / "COMPLETE").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root.parent))
     try:
-        build_processor().save_pretrained(tmp / "model")
-        build_model().save_pretrained(tmp / "model")
-        write_preference_set(tmp / "data")
+        log.info("tiny bundle: building %s (pretraining the model: about a minute, once)", root)
+        from .tiny_pretrain import pretrain
+
+        processor = build_processor()
+        processor.save_pretrained(tmp / "model")
+        model = build_model()
+        pretraining = pretraining_scenes()
+        seen = {s.key() for s in pretraining}
+        report = pretrain(model, processor, pretraining, heldout_scenes(seen))
+        model.save_pretrained(tmp / "model")
+        write_preference_set(tmp / "data", seen)
+        (tmp / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "COMPLETE").write_text(BUNDLE_VERSION + "\n")
         try:
             tmp.rename(root)
@@ -85,17 +257,43 @@ def ensure_bundle(root: Path | None = None) -> Path:
     return root
 
 
+def pretraining_scenes() -> list[Scene]:
+    return scenes(PRETRAIN_IMAGES, PRETRAIN_SEED, annotated=True)
+
+
+def heldout_scenes(seen: set[str] | None = None) -> list[Scene]:
+    """Pictures of the pretraining task's distribution that pretraining never saw, labelled right."""
+    if seen is None:
+        seen = {s.key() for s in pretraining_scenes()}
+    return scenes(HELDOUT_IMAGES, HELDOUT_SEED, exclude=seen)
+
+
+def heldout_rows(seen: set[str] | None = None) -> list[dict]:
+    """The pretraining task's held-out questions (every kind for every held-out picture) as preference rows whose
+    chosen answer is the right one (rejected: another color or shape)."""
+    rows = []
+    for scene in heldout_scenes(seen):
+        for kind in KINDS:
+            other_shape = SHAPES[(SHAPES.index(scene.shape) + 1) % len(SHAPES)]
+            other_color = MAIN_COLORS[(MAIN_COLORS.index(scene.color) + 1) % len(MAIN_COLORS)] if scene.color in MAIN_COLORS else RARE_MISTAKE
+            wrong = answer(kind, other_shape, scene.color) if kind == "shape" else answer(kind, scene.shape, other_color)
+            rows.append(_row(scene, kind, wrong))
+    return rows
+
+
 def _corpus() -> list[str]:
+    """The tokenizer's training text: the task's questions and answers and the chat template's words, often enough
+    that each of their words becomes one token (with too few, "The" was three tokens and an answer a dozen), and
+    random word salad for the rest of the vocabulary."""
     rng = random.Random(0)
     words = (
         "the a an is are this that what which color shape image picture photo in on of and with shows there "
         "describe answer question small large bright dark left right center background square circle triangle "
-        "red green blue yellow purple white black round corner edge one two three user assistant yes no it"
+        "red green blue yellow purple pink orange white black round corner edge one two three user assistant yes no it"
     ).split()
-    lines = [f"The {s} is {c}." for s in SHAPES for c in COLORS] + [f"What color is the {s}?" for s in SHAPES]
-    lines += ["User: Assistant: Describe the image.", "Answer with one sentence."]
-    lines += [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for _ in range(2000)]
-    return lines
+    task = [f"User:{question(kind, s)}\nAssistant: {answer(kind, s, c)}" for kind in KINDS for s in SHAPES for c in COLORS]
+    task += ["User: Assistant: Describe the image.", "Answer with one sentence."]
+    return task * 40 + [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for _ in range(2000)]
 
 
 def build_tokenizer():
@@ -106,7 +304,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=512, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
@@ -172,50 +370,9 @@ def build_model():
     return model
 
 
-def _draw(shape: str, color: tuple[int, int, int], size: tuple[int, int], rng: random.Random):
-    from PIL import Image, ImageDraw
-
-    bg = tuple(rng.randint(200, 255) for _ in range(3))
-    img = Image.new("RGB", size, bg)
-    d = ImageDraw.Draw(img)
-    w, h = size
-    m = min(w, h)
-    x0, y0 = rng.randint(0, w - m // 2), rng.randint(0, h - m // 2)
-    box = [x0, y0, x0 + m // 2, y0 + m // 2]
-    if shape == "square":
-        d.rectangle(box, fill=color)
-    elif shape == "circle":
-        d.ellipse(box, fill=color)
-    else:
-        d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=color)
-    return img
-
-
-def preference_rows(n: int, seed: int) -> list[dict]:
-    """Rows in the HuggingFaceH4/rlaif-v_formatted schema: images, prompt, chosen, rejected."""
-    rng = random.Random(seed)
-    names = list(COLORS)
-    rows = []
-    for _ in range(n):
-        shape, color = rng.choice(SHAPES), rng.choice(names)
-        wrong = rng.choice([c for c in names if c != color])
-        size = rng.choice([(96, 72), (64, 64), (80, 120), (48, 48)])
-        img = _draw(shape, COLORS[color], size, rng)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        rows.append(
-            {
-                "images": [{"bytes": buf.getvalue(), "path": None}],
-                "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": f"What color is the {shape}?"}]}],
-                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f"The {shape} is {color}."}]}],
-                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f"The {shape} is {wrong}."}]}],
-            }
-        )
-    return rows
-
-
-def write_preference_set(folder: Path) -> None:
-    """Parquet files named like a hub data set (data/<split>-*.parquet), so load_dataset(folder) reads them."""
+def write_preference_set(folder: Path, seen: set[str]) -> None:
+    """Parquet files named like a hub data set (data/<split>-*.parquet), so load_dataset(folder) reads them. No
+    picture of a split is in `seen` (the pretraining pictures) or an earlier split: test is held out from all."""
     from datasets import Dataset, Features, Image, List, Value
 
     message = {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
@@ -223,5 +380,8 @@ def write_preference_set(folder: Path) -> None:
         {"images": List(Image()), "prompt": List(message), "chosen": List(message), "rejected": List(message)}
     )
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    for split, n, seed in (("train", N_TRAIN, 1), ("test", N_TEST, 2)):
-        Dataset.from_list(preference_rows(n, seed), features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+    seen = set(seen)
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        rows, keys = preference_pairs(n, PREFERENCE_SEEDS[split], exclude=seen)
+        seen |= keys
+        Dataset.from_list(rows, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")

@@ -45,6 +45,7 @@ class TrainResult:
     manifest: dict
     global_step: int
     resumed_from: str | None
+    plot: Path | None = None  # training curves (PNG), when matplotlib is installed
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,10 @@ def _run(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from: 
         write_json_atomic(run_dir / "manifest.json", manifest)
     distributed.barrier()  # the adapter and manifest are on disk before any process returns
     log.info("done: %d optimizer steps, adapter in %s", trainer.state.global_step, adapter_dir)
-    return TrainResult(run_dir, adapter_dir, manifest, trainer.state.global_step, resume_from)
+    from .plots import plot_training
+
+    plot = plot_training(run_dir)
+    return TrainResult(run_dir, adapter_dir, manifest, trainer.state.global_step, resume_from, plot)
 
 
 def load_model(cfg: Config, device: str, attn: str, model_path: str):
@@ -236,7 +240,7 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
         # Several processes: every step uses every adapter (each row has an image, so the vision tower's too), and
         # DDP need not search the graph for unused parameters after every forward.
         ddp_timeout=t.ddp_timeout_s, ddp_find_unused_parameters=False,
-        prediction_loss_only=True, report_to=[], disable_tqdm=False,
+        prediction_loss_only=True, report_to=list(t.report_to) or "none", disable_tqdm=False,
     )
     peft_config = LoraConfig(
         r=cfg.adapter.r, lora_alpha=cfg.adapter.alpha, lora_dropout=cfg.adapter.dropout,

@@ -5,12 +5,14 @@ import tempfile
 import pytest
 
 # What the suite writes goes into one temporary folder, removed when the session passes (kept for a look when it
-# fails): one tiny bundle per session, built from scratch (so the build itself is tested), the Hugging Face caches
-# (datasets' arrow files and locks) and pytest's own tmp_path folders, so nothing lands in ~/.cache or stays in /tmp.
+# fails): the Hugging Face caches (datasets' arrow files and locks) and pytest's own tmp_path folders, so nothing
+# stays in /tmp. The tiny bundle is the exception: it is built once per machine into the smolbox cache
+# (SMOLBOX_CACHE, default ~/.cache/smolbox), in a folder named after its builder's code and library versions, so a
+# changed builder builds afresh and a session never reuses a stale bundle. A build pretrains the model (about a
+# minute on a CPU core); tests/test_tiny.py checks what a build makes, and that it makes the same bundle again.
 # A caller may point SMOLBOX_CACHE or HF_HOME somewhere on purpose.
 SCRATCH = tempfile.mkdtemp(prefix="smolbox-test-")
 _PASSED = pytest.StashKey[bool]()
-os.environ.setdefault("SMOLBOX_CACHE", os.path.join(SCRATCH, "smolbox"))
 os.environ.setdefault("HF_HOME", os.path.join(SCRATCH, "huggingface"))
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", SCRATCH)  # where pytest makes tmp_path folders (read lazily)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -260,8 +260,7 @@ def test_bad_split_spec_is_a_data_error(saved_dict, spec):
         load_preference_data(config(saved_dict), spec)
 
 
-def test_builtin_tiny_set_loads_with_the_rlaif_schema(tmp_path, monkeypatch):
-    monkeypatch.setenv("SMOLBOX_CACHE", str(tmp_path / "smolbox-cache"))
+def test_builtin_tiny_set_loads_with_the_rlaif_schema(tiny_bundle):
     data_cfg = load_config("tiny", env={}, dotenv=None).data
 
     split = load_preference_data(data_cfg, "test")

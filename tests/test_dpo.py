@@ -10,9 +10,12 @@ from smolbox.config import load_config
 from smolbox.train import build_trainer, load_model
 
 
-# Un-quantized, the two paths agree to fp32 rounding. Through bitsandbytes' 4-bit CPU kernels, 1e-7 differences
-# in the upstream gradient surface as bf16-sized (~0.3%) differences in a few elements (docs/notes.md).
-GRAD_TOLERANCE = {False: 1e-5, True: 1e-2}
+# Un-quantized, the two paths agree to fp32 rounding: relative to each tensor's gradient, which for the pretrained
+# tiny model's first vision attention layer is small enough (its attention is peaked) that summation order shows
+# at ~1e-4. Through bitsandbytes' 4-bit CPU kernels, 1e-7 differences in the upstream gradient surface as
+# bf16-sized differences (~0.3% for the median tensor, a few bf16 steps of 2^-8 at most; docs/notes.md). A wrong
+# gradient is off by far more.
+GRAD_TOLERANCE = {False: 3e-4, True: 2e-2}
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["fp32", "nf4"])

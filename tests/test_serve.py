@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from smolbox import tiny
 from smolbox.config import load_config
 from smolbox.export import export
 from smolbox.runtime import OnnxVLM
-from smolbox.train import train
 
 API_KEY = "test-key"
 
@@ -99,12 +99,15 @@ def chat(question, image: bytes | None, **extra):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tiny_bundle):
+    """An export of a random-weight model of the tiny bundle's shapes: these tests need answers that run to
+    max_tokens (continuous batching, stop strings), and the pretrained tiny model ends its answers in a few tokens."""
     root = tmp_path_factory.mktemp("serve")
-    overrides = {"run.output_dir": str(root / "runs"), "run.name": "srv", "train.max_steps": 4, "train.save_steps": 4,
+    base = root / "random-base"
+    tiny.build_model().save_pretrained(base)
+    tiny.build_processor().save_pretrained(base)
+    overrides = {"model.id": str(base), "export.source": "base", "run.name": "srv",
                  "export.output_dir": str(root / "exports"), "export.variants": ["fp32", "q4"]}
-    cfg = load_config("tiny", overrides=overrides, env={}, dotenv=None)
-    train(cfg)
-    return export(cfg).folder
+    return export(load_config("tiny", overrides=overrides, env={}, dotenv=None)).folder
 
 
 @pytest.fixture(scope="module")

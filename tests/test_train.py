@@ -207,3 +207,15 @@ def test_whole_steps_sampler_cuts_each_epoch_to_whole_steps():
     assert list(sampler) != first
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         WholeStepsSampler(3, 4, seed=7)
+
+
+def test_report_to_passes_through_to_the_trackers(runs):
+    """train.report_to goes to transformers' integrations as it is (off by default): without the tracker's package
+    the run stops before its first step, naming what is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    assert load_config("tiny", env={}, dotenv=None).train.report_to == []
+    with pytest.raises(RuntimeError, match="requires tensorboard"):
+        train(tiny_cfg(runs, "tracked", **{"train.report_to": ["tensorboard"], "data.eval_split": None}))

@@ -29,11 +29,9 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="expects a machine
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """One tiny bundle for the whole module, built in a temporary cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMOLBOX_CACHE", str(tmp_path_factory.mktemp("smolbox-cache")))
-        yield
+def tiny_cache(tiny_bundle):
+    """The session's tiny bundle (a build pretrains for a minute: one per machine, see conftest.py)."""
+    yield
 
 
 @pytest.fixture(autouse=True)
