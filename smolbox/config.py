@@ -230,7 +230,8 @@ def get_dotted(tree: dict, dotted: str) -> Any:
 # Everything else may change between a crash and its resume: where files go and how often to log, evaluate and
 # save; how the work is split (micro-batch, number of processes, loader workers); switches that compute the same
 # function another way (attention kernel, fused DoRA, checkpointing, precomputed reference log-probs); where
-# metrics also go (report_to); and export, eval and serve settings. The run's length (LENGTH_KEYS) is compared on its own: raising it continues a run.
+# metrics also go (report_to); and export, eval and serve settings. The run's length (LENGTH_KEYS) is compared on
+# its own: raising it continues a run.
 # tests/test_config.py classifies every field, so a new field must be placed in one of these lists.
 WEIGHT_KEYS = (
     "model.id", "model.revision", "model.dtype",
