@@ -175,7 +175,7 @@ def _run(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from: 
     log.info("done: %d optimizer steps, adapter in %s", trainer.state.global_step, adapter_dir)
     from .plots import plot_training
 
-    plot = plot_training(run_dir)
+    plot = plot_training(run_dir) if world.is_main else None
     return TrainResult(run_dir, adapter_dir, manifest, trainer.state.global_step, resume_from, plot)
 
 

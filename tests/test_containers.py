@@ -89,6 +89,6 @@ def test_compose_needs_no_env_file():
         rendered = subprocess.run(["docker-compose", "config"], cwd=folder, env=clean, capture_output=True, text=True)
         assert rendered.returncode == 0, rendered.stderr
     resolved = yaml.safe_load(rendered.stdout)["services"]
-    assert sorted(resolved) == ["export", "serve", "train", "verify"]
+    assert sorted(resolved) == ["eval", "export", "serve", "train", "verify"]
     assert resolved["train"]["image"] == "smolbox-train:latest" and resolved["train"]["user"] == "1000:1000"
     assert resolved["train"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"

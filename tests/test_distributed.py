@@ -167,5 +167,6 @@ def test_two_hosts_on_one_machine_write_one_run(runs, one_process):
         assert agent.wait(timeout=600) == 0, (runs / f"host{node}.log").read_text()[-4000:]
     m = json.loads((runs / "hosts" / "manifest.json").read_text())
     assert (m["distributed"]["world_size"], m["distributed"]["nodes"], m["distributed"]["processes_per_node"]) == (2, 2, 1)
-    assert sorted(p.name for p in (runs / "hosts").iterdir()) == ["adapter", "checkpoints", "manifest.json", "metrics.jsonl", "train.log"]
+    assert sorted(p.name for p in (runs / "hosts").iterdir()) == ["adapter", "checkpoints", "manifest.json", "metrics.jsonl",
+                                                                   "train.log", "training.png"]
     assert_same_training(runs / "hosts", one_process)

@@ -153,7 +153,7 @@ def test_explicit_resume_from_a_checkpoint(runs, reference_run):
 
 
 def test_run_dir_of_another_config_is_refused(runs, reference_run):
-    with pytest.raises(RunError, match=r"train.learning_rate is 0.5 now, 0.002 there"):
+    with pytest.raises(RunError, match=r"train.learning_rate is 0.5 now, 0.0005 there"):
         train(tiny_cfg(runs, "reference", **{"train.learning_rate": 0.5}))
     with pytest.raises(RunError, match="resume=never"):
         train(tiny_cfg(runs, "reference", **{"run.resume": "never"}))
