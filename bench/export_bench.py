@@ -140,7 +140,7 @@ def parity(args, work: Path, results: dict) -> dict:
 
 
 def sizes(work: Path) -> dict:
-    from smolbox.runtime import GRAPHS, VARIANT_SUFFIX
+    from smolbox.onnx_layout import GRAPHS, VARIANT_SUFFIX
 
     out = {}
     for variant, suffix in VARIANT_SUFFIX.items():

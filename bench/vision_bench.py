@@ -39,9 +39,9 @@ def main() -> None:
     from bench.serve_bench import QUESTION, image
     from smolbox import onnx_vision
     from smolbox.export import _weight_only, export_traced_vision, save_onnx
-    from smolbox.serve import _preload_cuda_libraries
+    from smolbox.serve.engine import preload_cuda_libraries
 
-    _preload_cuda_libraries()
+    preload_cuda_libraries()
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],

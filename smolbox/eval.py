@@ -273,13 +273,8 @@ def _images(row: dict) -> list:
 # ---- an export: every variant through ONNX Runtime ----------------------------------------------------------
 
 
-def available_variants(folder: Path) -> list[str]:
-    from .runtime import GRAPHS, VARIANT_SUFFIX, graph_path
-
-    return [v for v in VARIANT_SUFFIX if all(graph_path(folder, g, v).is_file() for g in GRAPHS)]
-
-
 def eval_export(cfg: Config, folder: Path, rows: list[dict], split: str) -> EvalResult:
+    from .onnx_layout import available_variants
     from .preprocess import Preprocessor, pad_batch
     from .runtime import OnnxVLM, variant_providers
 

@@ -1,20 +1,19 @@
-"""The server's request log and request ids: one ASGI middleware around the app, plus the log line formats.
+"""The server's request log and request ids: one ASGI middleware around the app, and the text of its lines.
 
 Every response carries `X-Request-ID`: the client's own when it sends a well-formed one (so a gateway's id runs
 through), else a new one. After each request one record goes to the `smolbox.serve.access` logger: method, path
 (without the query string), status, latency and, for chat completions, prompt and completion tokens. Never the
 prompt, the answer or an image. Probes (/health, /metrics) are logged at debug level, so they do not flood the log.
-With `serve.log_format: json` every line the server prints is one JSON object, for log pipelines.
+With `serve.log_format: json` every line the server prints is one JSON object (smolbox.logs.use_json_lines), each
+request's record with these fields.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 import uuid
-from datetime import datetime, timezone
 
 log = logging.getLogger("smolbox.serve.access")
 
@@ -64,29 +63,3 @@ class AccessLog:
 def _text(f: dict) -> str:
     tokens = f" {f['prompt_tokens']}+{f.get('completion_tokens', 0)} tokens" if "prompt_tokens" in f else ""
     return f"{f['method']} {f['path']} {f['status']} {f['latency_ms']} ms{tokens} id {f['request_id']}"
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the record's structured fields if it has any."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-                "level": record.levelname.lower(), "logger": record.name}
-        fields = getattr(record, "fields", None)
-        line.update(fields if fields else {"message": record.getMessage()})
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def use_json_lines() -> None:
-    """Every smolbox and uvicorn log line as JSON on stderr (uvicorn is then started with log_config=None)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    for name in ("smolbox", "uvicorn"):
-        logger = logging.getLogger(name)
-        for old in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
-            logger.removeHandler(old)
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False

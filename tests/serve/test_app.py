@@ -1,10 +1,9 @@
-"""A real server on loopback over a real tiny export, hit by a real HTTP client."""
+"""A real server on loopback over a real tiny export, hit by a real HTTP client; and the serving path without torch."""
 
 import base64
 import concurrent.futures
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -14,15 +13,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from smolbox import tiny
-from smolbox.config import load_config
-from smolbox.export import export
 from smolbox.runtime import OnnxVLM
 
 API_KEY = "test-key"
@@ -98,16 +93,8 @@ def chat(question, image: bytes | None, **extra):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tiny_bundle):
-    """An export of a random-weight model of the tiny bundle's shapes: these tests need answers that run to
-    max_tokens (continuous batching, stop strings), and the pretrained tiny model ends its answers in a few tokens."""
-    root = tmp_path_factory.mktemp("serve")
-    base = root / "random-base"
-    tiny.build_model().save_pretrained(base)
-    tiny.build_processor().save_pretrained(base)
-    overrides = {"model.id": str(base), "export.source": "base", "run.name": "srv",
-                 "export.output_dir": str(root / "exports"), "export.variants": ["fp32", "q4"]}
-    return export(load_config("tiny", overrides=overrides, env={}, dotenv=None)).folder
+def folder(random_export):
+    return random_export
 
 
 @pytest.fixture(scope="module")
@@ -174,35 +161,6 @@ def test_stream_chunks_join_to_the_same_text(server):
     finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert len(finals) == 1
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
-
-
-def test_incremental_text_equals_decoding_everything(folder):
-    """Each row is detokenized incrementally (a short window per token, not the whole completion every step): the
-    text only ever grows by appending, never ends in half a character, and ends equal to decoding all tokens at
-    once, multibyte characters, odd spacing and random (also special) tokens included."""
-    from smolbox.preprocess import Preprocessor
-    from smolbox.serve import _IncrementalText
-
-    pre = Preprocessor(folder)
-    ids = lambda text: pre.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-    rng = np.random.default_rng(0)
-    sequences = [ids("Hello wörld — 日本語のテキスト 🙂, 12345."), ids("  spaced   out\n\n\ttabs ✓✓🙂🙂")]
-    sequences += [rng.integers(0, pre.tokenizer.get_vocab_size(), 200).tolist() for _ in range(10)]
-    for sequence in sequences:
-        text, shown = _IncrementalText(), ""
-        for token in sequence:
-            now = text.add(int(token), pre)
-            assert now.startswith(shown) and not now.endswith("\ufffd")
-            shown = now
-        assert text.final(pre) == pre.decode(sequence) and text.final(pre).startswith(shown)
-
-
-def test_engine_host_bench_runs_every_row_to_max_tokens(folder):
-    """bench/engine_host.py times the engine's per-step host work with real _Row objects: smoke-test it here."""
-    from bench.engine_host import measure
-
-    result = measure(folder, rows=4, tokens=16, vocab=1024)
-    assert result["rows"] == 4 and result["host_ms_per_step"] > 0  # measure() asserts every row finished
 
 
 def test_sixteen_parallel_requests_are_batched_and_correct(server):
@@ -357,23 +315,6 @@ def test_full_queue_gets_429_then_sigterm_drains_in_flight_requests(folder):
         server.stop()
 
 
-def test_batches_stay_within_the_prefill_logits_budget():
-    """A traced decoder returns logits for every prompt position; full-size prompts must not all prefill at once.
-    The fused decoder returns the last position only, so 32 of them fit."""
-    from types import SimpleNamespace
-
-    from smolbox.serve import Engine, Metrics
-
-    engine = Engine(load_config("default", env={}, dotenv=None), Path("unused"), Metrics())
-    prompt = lambda tokens: SimpleNamespace(prompt_tokens=tokens)  # noqa: E731
-    engine.model = SimpleNamespace(vocab_size=49155, logits_all_positions=False)  # SmolVLM-Instruct, fused decoder
-    assert engine._prefill_fits([prompt(1107)] * 31, prompt(1107))
-    engine.model = SimpleNamespace(vocab_size=49155, logits_all_positions=True)  # traced decoder
-    assert engine._prefill_fits([prompt(1107)] * 7, prompt(1107))  # 8 image prompts: 1.6 GiB of logits
-    assert not engine._prefill_fits([prompt(1107)] * 31, prompt(1107))  # 32 of them crashed the CUDA provider
-    assert not engine._prefill_fits([prompt(100)], prompt(8192))
-
-
 def exchange(url, body=None, headers=None, path="/v1/chat/completions"):
     """(status, headers, body text) of one request; a body makes it a POST."""
     data = None if body is None else json.dumps(body).encode()
@@ -426,3 +367,22 @@ def test_json_request_log_and_request_ids(folder):
     assert access[unauthorized_id]["status"] == 401 and "prompt_tokens" not in access[unauthorized_id]
     assert "/health" not in {r["path"] for r in access.values()}  # probes are logged at debug level
     assert secret_question not in output and "zebra" not in output and "base64" not in output and "stream it" not in output
+
+
+def test_the_serving_path_runs_without_torch(folder):
+    """The serving image has no torch: smolbox.serve, everything it imports and a whole request (the app, the engine,
+    preprocessing, ONNX Runtime, an HTTP round trip) run with torch and the training stack unimportable."""
+    script = f"""
+import json, sys
+for name in ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes", "accelerate", "matplotlib"):
+    sys.modules[name] = None  # any import of these now raises ImportError
+from PIL import Image
+from smolbox.config import load_config
+from smolbox.serve import demo_request
+cfg = load_config("tiny", overrides={{"serve.model": {str(folder)!r}, "serve.variant": "fp32"}}, env={{}}, dotenv=None)
+print(json.dumps(demo_request(cfg, Image.new("RGB", (48, 64), (200, 40, 40)), "What color is the square?")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert isinstance(answer, str) and answer == pytorch_answer(folder, "What color is the square?", png((200, 40, 40)), 16)
