@@ -26,7 +26,7 @@ def prepack_graph(source: Path, target: Path) -> dict:
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.cuda_quantizer import _pack_weights_for_cuda_mixed_gemm
 
-    from smolbox.export import save_onnx
+    from smolbox.export.onnx_files import save_onnx
 
     proto = onnx.load(str(source))
     initializers = {t.name: t for t in proto.graph.initializer}
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variant", default="q4f16")
     args = parser.parse_args()
-    from smolbox.runtime import graph_path
+    from smolbox.onnx_layout import graph_path
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "onnx").mkdir(exist_ok=True)

@@ -160,8 +160,8 @@ def profile_vision(folder: Path, variant: str, top: int = 15) -> dict:
     provider each ran on, to see where the vision milliseconds go."""
     import onnxruntime as ort
 
+    from smolbox.onnx_layout import graph_path
     from smolbox.preprocess import Preprocessor
-    from smolbox.runtime import graph_path
     from smolbox.serve.engine import preload_cuda_libraries
 
     preload_cuda_libraries()

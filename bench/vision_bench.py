@@ -1,4 +1,4 @@
-"""Vision encoder on onnxruntime: the torch.onnx-traced graph against smolbox.onnx_vision's fused one, same model,
+"""Vision encoder on onnxruntime: the torch.onnx-traced graph against smolbox.export.fused_vision's fused one, same model,
 same 13-tile image, same card.
 
     python -m bench.vision_bench --model exports/real --json vision_bench.json [--dtypes fp16 fp32] [--q4]
@@ -37,8 +37,10 @@ def main() -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from bench.serve_bench import QUESTION, image
-    from smolbox import onnx_vision
-    from smolbox.export import _weight_only, export_traced_vision, save_onnx
+    from smolbox.export import fused_vision
+    from smolbox.export.onnx_files import save_onnx
+    from smolbox.export.quantize import weight_only
+    from smolbox.export.traced import export_traced_vision
     from smolbox.serve.engine import preload_cuda_libraries
 
     preload_cuda_libraries()
@@ -61,12 +63,12 @@ def main() -> None:
             build_s = {"traced": time.perf_counter() - started}
             started = time.perf_counter()
             graphs["fused"] = Path(tmp) / f"fused_{dtype_name}.onnx"
-            fused = onnx_vision.build_vision_encoder(model, dtype)
+            fused = fused_vision.build_vision_encoder(model, dtype)
             save_onnx(fused, graphs["fused"])
             build_s["fused"] = time.perf_counter() - started
             if args.q4:
                 graphs["fused q4"] = Path(tmp) / f"fused_q4_{dtype_name}.onnx"
-                save_onnx(_weight_only(onnx.load(str(graphs["fused"])), 4, 32, "vision_encoder"), graphs["fused q4"])
+                save_onnx(weight_only(onnx.load(str(graphs["fused"])), 4, 32, "vision_encoder"), graphs["fused q4"])
             feeds = {"pixel_values": inputs["pixel_values"].astype(dtype), "pixel_attention_mask": inputs["pixel_attention_mask"].astype(bool)}
             reference = None
             for kind, path in graphs.items():

@@ -19,24 +19,22 @@ from typing import Any
 
 import datasets
 import numpy as np
-from datasets import Features, LargeList, List, Value
+from datasets import LargeList, List, Value
 from PIL import Image, ImageOps
 
-from . import tiny
-from .config import DataConfig
-from .env import cpu_count
+from .. import tiny
+from ..config import DataConfig
+from ..env import cpu_count
+from ..images import on_white
+from ..preference_schema import COLUMNS, features
 
 log = logging.getLogger("smolbox.data")
 
-_COLUMNS = ("images", "prompt", "chosen", "rejected")
-_MESSAGE = {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
-_FEATURES = Features({"images": List(datasets.Image()), **{name: List(_MESSAGE) for name in _COLUMNS[1:]}})
 # Columns the cleaning map adds for bookkeeping; removed before the split is returned.
 _BAD_REASON, _BAD_DETAIL, _ROW_DIGEST = "_bad_reason", "_bad_detail", "_row_sha256"
-_MAP_FEATURES = Features({**_FEATURES, _BAD_REASON: Value("string"), _BAD_DETAIL: Value("string"), _ROW_DIGEST: Value("string")})
-_EMPTY_ROW = {name: [] for name in _COLUMNS}
+_MAP_FEATURES = features(**{_BAD_REASON: Value("string"), _BAD_DETAIL: Value("string"), _ROW_DIGEST: Value("string")})
+_EMPTY_ROW = {name: [] for name in COLUMNS}
 _SPLIT_RE = re.compile(r"^(?P<name>\w+(?:\.\w+)*)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
-_WHITE = (255, 255, 255, 255)
 # Part of the map's cache key, so a changed cleaner never reuses rows cleaned by an older one.
 _CODE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
@@ -60,7 +58,7 @@ def load_preference_data(cfg: DataConfig, split: str) -> PreferenceSplit:
     raw, base_dir = _load_source(cfg, split)
     if len(raw) == 0:
         raise DataError(f"{source}: the split has no rows")
-    missing = [name for name in _COLUMNS if name not in raw.column_names]
+    missing = [name for name in COLUMNS if name not in raw.column_names]
     if missing:
         raise DataError(f"{source}: no column(s) {missing}; the data has {raw.column_names}")
 
@@ -180,7 +178,7 @@ def _without_image_decoding(feature: Any) -> Any:
 # --- rows ----------------------------------------------------------------------------------------------------
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
@@ -198,34 +196,34 @@ class _RowCleaner:
     def __call__(self, row: dict) -> dict:
         try:
             cleaned = self._clean(row)
-        except _BadRow as bad:
+        except BadRow as bad:
             return {**_EMPTY_ROW, _BAD_REASON: bad.reason, _BAD_DETAIL: bad.detail, _ROW_DIGEST: None}
         return {**cleaned, _BAD_REASON: None, _BAD_DETAIL: None, _ROW_DIGEST: _row_digest(cleaned)}
 
     def _clean(self, row: dict) -> dict:
-        for name in _COLUMNS:
+        for name in COLUMNS:
             if row.get(name) is None:
-                raise _BadRow("missing_field", f"'{name}' is missing")
+                raise BadRow("missing_field", f"'{name}' is missing")
         prompt = _messages(row["prompt"], "prompt")
         chosen = _messages(row["chosen"], "chosen")
         rejected = _messages(row["rejected"], "rejected")
         if not any(message["role"] == "user" for message in prompt):
-            raise _BadRow("bad_message_shape", "prompt has no user message")
+            raise BadRow("bad_message_shape", "prompt has no user message")
         for name, messages in (("chosen", chosen), ("rejected", rejected)):
             if any(message["role"] != "assistant" for message in messages):
-                raise _BadRow("bad_message_shape", f"{name} has a message that is not from the assistant")
+                raise BadRow("bad_message_shape", f"{name} has a message that is not from the assistant")
             # Images belong to the prompt; one in a response would not match the images column.
             if any(part["type"] == "image" for message in messages for part in message["content"]):
-                raise _BadRow("bad_message_shape", f"{name} has an image part")
+                raise BadRow("bad_message_shape", f"{name} has an image part")
 
         images = row["images"]
         if not isinstance(images, list) or not images:
-            raise _BadRow("no_image", "images is not a non-empty list")
+            raise BadRow("no_image", "images is not a non-empty list")
         image_parts = sum(part["type"] == "image" for message in prompt for part in message["content"])
         if image_parts != len(images):
-            raise _BadRow("image_count_mismatch", f"prompt has {image_parts} image part(s) for {len(images)} image(s)")
+            raise BadRow("image_count_mismatch", f"prompt has {image_parts} image part(s) for {len(images)} image(s)")
         encoded = [
-            {"bytes": _clean_image(value, self.base_dir, self.max_image_pixels, self.image_max_size), "path": None}
+            {"bytes": clean_image(value, self.base_dir, self.max_image_pixels, self.image_max_size), "path": None}
             for value in images
         ]
         return {"images": encoded, "prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -234,12 +232,12 @@ class _RowCleaner:
 def _messages(value: Any, name: str) -> list[dict]:
     """Validated messages with content in list-of-parts form; every part has both 'type' and 'text'."""
     if not isinstance(value, list) or not value:
-        raise _BadRow("bad_message_shape", f"{name} is not a non-empty list of messages")
+        raise BadRow("bad_message_shape", f"{name} is not a non-empty list of messages")
     messages = []
     for index, message in enumerate(value):
         where = f"{name}[{index}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _BadRow("bad_message_shape", f"{where} has no string 'role'")
+            raise BadRow("bad_message_shape", f"{where} has no string 'role'")
         messages.append({"role": message["role"], "content": _content_parts(message.get("content"), where)})
     return messages
 
@@ -248,7 +246,7 @@ def _content_parts(content: Any, where: str) -> list[dict]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
-        raise _BadRow("bad_message_shape", f"{where} content is neither a string nor a list of parts")
+        raise BadRow("bad_message_shape", f"{where} content is neither a string nor a list of parts")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -257,12 +255,12 @@ def _content_parts(content: Any, where: str) -> list[dict]:
         elif kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
         else:
-            raise _BadRow("bad_message_shape", f"{where} has a part that is neither an image nor a text with a string 'text'")
+            raise BadRow("bad_message_shape", f"{where} has a part that is neither an image nor a text with a string 'text'")
     return parts
 
 
 def _row_digest(row: dict) -> str:
-    texts = json.dumps({name: row[name] for name in _COLUMNS[1:]}, sort_keys=True, ensure_ascii=False)
+    texts = json.dumps({name: row[name] for name in COLUMNS[1:]}, sort_keys=True, ensure_ascii=False)
     digest = hashlib.sha256(texts.encode())
     for image in row["images"]:
         digest.update(len(image["bytes"]).to_bytes(8, "big"))  # length prefix: no two rows hash alike by shifting bytes
@@ -273,15 +271,15 @@ def _row_digest(row: dict) -> str:
 # --- images --------------------------------------------------------------------------------------------------
 
 
-def _clean_image(value: Any, base_dir: str | None, max_image_pixels: int, image_max_size: int) -> bytes:
-    """PNG bytes of the image as RGB, shrunk to fit image_max_size; raises _BadRow for an image we will not use."""
+def clean_image(value: Any, base_dir: str | None, max_image_pixels: int, image_max_size: int) -> bytes:
+    """PNG bytes of the image as RGB, shrunk to fit image_max_size; raises BadRow for an image we will not use."""
     with _pil_pixel_limit_disabled(), _open_image(value, base_dir) as image:
         _check_size(image.size, max_image_pixels)  # from the header: a huge image is refused before it is decoded
         try:
             image.load()
             rgb = _to_rgb(ImageOps.exif_transpose(image))  # datasets' own decoding applies EXIF orientation too
         except Exception as exc:  # any decoder failure on untrusted bytes is a bad row, not a crash
-            raise _BadRow("undecodable_image", _describe(exc)) from None
+            raise BadRow("undecodable_image", _describe(exc)) from None
     rgb.thumbnail((image_max_size, image_max_size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     rgb.save(buffer, format="PNG")  # lossless and deterministic, so the fingerprint is stable
@@ -310,27 +308,26 @@ def _open_image(value: Any, base_dir: str | None):
     elif isinstance(value, str):
         source = Path(value) if Path(value).is_absolute() or base_dir is None else Path(base_dir) / value
     else:
-        raise _BadRow("undecodable_image", f"no image bytes or path in {type(value).__name__} value")
+        raise BadRow("undecodable_image", f"no image bytes or path in {type(value).__name__} value")
     try:
         return Image.open(source)
     except Exception as exc:
-        raise _BadRow("undecodable_image", _describe(exc)) from None
+        raise BadRow("undecodable_image", _describe(exc)) from None
 
 
 def _check_size(size: tuple[int, int], max_image_pixels: int) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise _BadRow("zero_size_image", f"image is {width}x{height}")
+        raise BadRow("zero_size_image", f"image is {width}x{height}")
     if width * height > max_image_pixels:
-        raise _BadRow("image_too_large", f"image is {width}x{height} = {width * height} pixels > max_image_pixels {max_image_pixels}")
+        raise BadRow("image_too_large", f"image is {width}x{height} = {width * height} pixels > max_image_pixels {max_image_pixels}")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8bit_gray(image)
     if image.has_transparency_data:  # alpha channel, palette alpha or a 'transparency' colour: put it on white
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+        return on_white(image)
     return image.convert("RGB")
 
 

@@ -13,17 +13,15 @@ import zlib
 import datasets
 import numpy as np
 import pytest
-from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets import Dataset, DatasetDict
 from PIL import Image
 
 from smolbox import tiny
 from smolbox.config import DataConfig, load_config
-from smolbox.data import DataError, PreferenceSplit, _BadRow, _clean_image, load_preference_data
+from smolbox.preference_schema import features
+from smolbox.train.data import BadRow, DataError, PreferenceSplit, clean_image, load_preference_data
 
-MESSAGE = {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
-RLAIF_FEATURES = Features(
-    {"images": List(datasets.Image()), "prompt": List(MESSAGE), "chosen": List(MESSAGE), "rejected": List(MESSAGE)}
-)
+RLAIF_FEATURES = features()
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
 
@@ -142,14 +140,14 @@ def test_images_shrink_to_fit_and_are_never_enlarged(tmp_path):
 
 def test_zero_size_image_is_its_own_reason():
     # PIL refuses to open any file whose header says 0 wide or high, so only an in-memory image can be empty.
-    with pytest.raises(_BadRow) as caught:
-        _clean_image(Image.new("RGB", (0, 5)), None, max_image_pixels=1000, image_max_size=64)
+    with pytest.raises(BadRow) as caught:
+        clean_image(Image.new("RGB", (0, 5)), None, max_image_pixels=1000, image_max_size=64)
     assert caught.value.reason == "zero_size_image"
 
 
 def test_pil_image_values_are_cleaned_and_left_open():
     original = Image.new("RGBA", (100, 10), (0, 0, 255, 255))
-    cleaned = Image.open(io.BytesIO(_clean_image(original, None, max_image_pixels=10_000, image_max_size=50)))
+    cleaned = Image.open(io.BytesIO(clean_image(original, None, max_image_pixels=10_000, image_max_size=50)))
     assert (cleaned.mode, cleaned.size, cleaned.getpixel((0, 0))) == ("RGB", (50, 5), BLUE)
     assert original.getpixel((0, 0)) == (0, 0, 255, 255)  # still usable by the caller
 

@@ -1,13 +1,14 @@
-"""Our DPO forward + loss (smolbox.dpo) against stock TRL's DPOTrainer on the same batch and the same 4-bit model."""
+"""Our DPO forward + loss (smolbox.train.dpo) against stock TRL's DPOTrainer on the same batch and the same 4-bit model."""
 
 import datasets
 import pytest
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from smolbox import dpo, tiny
+from smolbox import tiny
 from smolbox.config import load_config
-from smolbox.train import build_trainer, load_model
+from smolbox.models import load_base
+from smolbox.train import build_trainer, dpo
 
 
 # Un-quantized, the two paths agree to fp32 rounding: relative to each tensor's gradient, which for the pretrained
@@ -26,7 +27,7 @@ def trainer_and_batch(request, tiny_bundle, tmp_path_factory):
 
     processor = AutoProcessor.from_pretrained(model_path)
     rows = datasets.load_dataset(tiny.resolve(cfg.data.id, "data"), split="train[:4]")
-    model = load_model(cfg, "cpu", "sdpa", model_path)
+    model = load_base(cfg, "cpu", "sdpa", model_path)
     trainer = build_trainer(cfg, tmp_path_factory.mktemp("run"), "cpu", model, processor, rows, None)
     # Move the adapters away from their zero-B start, so policy != reference and every LoRA/DoRA tensor gets a gradient
     gen = torch.Generator().manual_seed(0)

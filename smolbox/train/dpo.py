@@ -2,7 +2,7 @@
 
 A batch is TRL's vision preference batch: rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], with
 `completion_mask` marking completion tokens. The reference policy is the same peft model with adapters disabled.
-`tests/test_dpo.py` checks loss and gradients against stock TRL on the same batch.
+`tests/train/test_dpo.py` checks loss and gradients against stock TRL on the same batch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""smolbox.dora's fused DoRA forward computes peft's function: outputs and every gradient, plain and NF4 layers."""
+"""smolbox.train.dora's fused DoRA forward computes peft's function: outputs and every gradient, plain and NF4 layers."""
 
 import copy
 
@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.variants import DoraLinearVariant
 
-from smolbox.dora import FusedDoraLinearVariant, use_fused_dora
+from smolbox.train.dora import FusedDoraLinearVariant, use_fused_dora
 
 
 class TwoLayers(torch.nn.Module):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from smolbox.export import save_onnx
-from smolbox.onnx_decoder import build_decoder, unsupported_reason
+from smolbox.export.fused_decoder import build_decoder, unsupported_reason
+from smolbox.export.onnx_files import save_onnx
 
 
 @pytest.fixture(scope="module")

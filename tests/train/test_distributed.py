@@ -24,7 +24,7 @@ from smolbox.train import COMPLETE_MARKER
 STEPS = 12
 SAVE_EVERY = 2
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the torchrun command
-ENTRYPOINT = str(Path(__file__).resolve().parent.parent / "entrypoints" / "train")  # the training image's
+ENTRYPOINT = str(Path(__file__).resolve().parents[2] / "entrypoints" / "train")  # the training image's
 
 
 def train_args(output_dir: Path, name: str, steps: int = STEPS) -> list[str]:

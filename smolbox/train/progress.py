@@ -1,7 +1,7 @@
 """Training progress on the console: one compact line per logging step, and a progress bar only on a terminal.
 
 transformers prints each log event as a Python dict beside its bar; in a log file or `docker logs` the bar's
-carriage returns and those dicts run into each other. metrics.jsonl (train.RunCallback) keeps every number; the
+carriage returns and those dicts run into each other. metrics.jsonl (run_folder.RunCallback) keeps every number; the
 console gets the few that tell how training goes.
 """
 

@@ -1,17 +1,22 @@
-"""TRL's DPOTrainer with the forward and loss swapped for smolbox.dpo; everything else (collation, optimizer,
-checkpoints, logging) stays TRL's and transformers'."""
+"""TRL's DPOTrainer with the forward and loss swapped for smolbox.train.dpo; everything else (collation, optimizer,
+checkpoints, logging) stays TRL's and transformers'. `build_trainer` makes one from the config."""
 
 from __future__ import annotations
 
+import logging
 import time
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from ..config import Config
 from . import distributed, dpo
+from .batches import BatchPlan, plan_batches
 from .dpo import REF_KEYS
+
+log = logging.getLogger("smolbox.train")
 
 
 @dataclass
@@ -26,7 +31,9 @@ class OneGPUPerProcessConfig(DPOConfig):
 
 
 class SmolboxDPOTrainer(DPOTrainer):
-    pack_pairs = True  # each pair as one packed row (smolbox.dpo.pack_pairs); train.pack_pairs sets it
+    def __init__(self, *args, pack_pairs: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pack_pairs = pack_pairs  # each pair as one packed row (smolbox.train.dpo.pack_pairs): train.pack_pairs
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -135,3 +142,47 @@ class WholeStepsSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order = torch.randperm(self.pairs, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         return iter(order[: len(self)].tolist())
+
+
+def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, train_ds, eval_ds, plan: BatchPlan | None = None):
+    """TRL's DPOConfig and our trainer from the config; `plan` splits the global batch (default: this job's)."""
+    from peft import LoraConfig
+
+    from .dora import use_fused_dora
+
+    t = cfg.train
+    plan = plan or plan_batches(t, distributed.world().size)
+    args = OneGPUPerProcessConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        learning_rate=t.learning_rate, beta=t.beta,
+        per_device_train_batch_size=plan.micro_batch,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=plan.accumulation,
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=t.max_length,
+        bf16=t.bf16, use_cpu=device == "cpu",
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5.23's name; the old one warns
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if eval_ds is not None else "no", eval_steps=t.eval_steps or t.logging_steps,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.dataloader_num_workers,
+        seed=t.seed, data_seed=t.seed,
+        # Several processes: every step uses every adapter (each row has an image, so the vision tower's too), and
+        # DDP need not search the graph for unused parameters after every forward.
+        ddp_timeout=t.ddp_timeout_s, ddp_find_unused_parameters=False,
+        prediction_loss_only=True, report_to=list(t.report_to) or "none", disable_tqdm=False,
+    )
+    peft_config = LoraConfig(
+        r=cfg.adapter.r, lora_alpha=cfg.adapter.alpha, lora_dropout=cfg.adapter.dropout,
+        use_dora=cfg.adapter.use_dora,
+        init_lora_weights="gaussian" if cfg.adapter.init_lora_weights == "gaussian" else True,
+        target_modules=list(cfg.adapter.target_modules), task_type="CAUSAL_LM",
+    )
+    trainer = SmolboxDPOTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=processor, peft_config=peft_config, pack_pairs=t.pack_pairs,
+    )
+    if cfg.adapter.use_dora and cfg.adapter.fused_dora:
+        log.info("train: fused DoRA forward on %d layers (smolbox.train.dora)", use_fused_dora(trainer.model))
+    return trainer

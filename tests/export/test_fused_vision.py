@@ -8,12 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from test_export import _left_padded_batch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Idefics3ForConditionalGeneration
 from transformers.activations import ACT2FN
 
-from smolbox.export import VisionEncoder, _parity_inputs, save_onnx
-from smolbox.onnx_vision import build_vision_encoder, unsupported_reason
+from smolbox.export.fused_vision import build_vision_encoder, unsupported_reason
+from smolbox.export.onnx_files import save_onnx
+from smolbox.export.parity import parity_inputs
+from smolbox.export.traced import VisionEncoder
+from tests.prompts import left_padded_batch
 
 TOLERANCE = {np.float32: 1e-4, np.float16: 1e-2}  # relative to the largest feature
 
@@ -64,7 +66,7 @@ def _partially_masked(images: int, size: int, patch: int, generator) -> tuple[to
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_processor_outputs_match_pytorch(model, processor, dtype, tmp_path):
-    inputs = _parity_inputs(processor, 1)[0]
+    inputs = parity_inputs(processor, 1)[0]
     assert inputs["pixel_values"].shape[1] > 1, "image splitting: several tiles"
     _assert_matches(model, inputs["pixel_values"], inputs["pixel_attention_mask"], dtype, tmp_path)
 
@@ -73,7 +75,7 @@ def test_processor_outputs_match_pytorch(model, processor, dtype, tmp_path):
 def test_padding_images_match_pytorch(model, processor, dtype, tmp_path):
     # (The processor resizes every tile to a full square, so its real images have no masked patches; the
     # hand-made masks below cover those.)
-    inputs = _left_padded_batch(copy.deepcopy(processor))
+    inputs = left_padded_batch(copy.deepcopy(processor))
     assert (inputs["pixel_values"] == 0).flatten(2).all(-1).any(), "the batch must carry a padding image"
     _assert_matches(model, inputs["pixel_values"], inputs["pixel_attention_mask"], dtype, tmp_path)
 
@@ -103,7 +105,7 @@ def test_exact_gelu_matches_pytorch(model, processor, tmp_path):
     for layer in exact.model.vision_model.encoder.layers:
         layer.mlp.activation_fn = ACT2FN["gelu"]
     assert any(n.op_type == "BiasGelu" for n in build_vision_encoder(exact).graph.node)
-    inputs = _parity_inputs(processor, 1)[0]
+    inputs = parity_inputs(processor, 1)[0]
     _assert_matches(exact, inputs["pixel_values"], inputs["pixel_attention_mask"], np.float32, tmp_path)
 
 
