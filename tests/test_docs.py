@@ -32,7 +32,7 @@ def test_readme_layout_names_every_file():
     missing = [name for name in sorted(top) if name not in block]
     packages = [f"smolbox/{p.name}/" for p in sorted((REPO / "smolbox").iterdir()) if (p / "__init__.py").is_file()]
     assert packages, "smolbox has subpackages (train/, export/, serve/)"
-    for folder in ("smolbox/", *packages, "configs/", "bench/", "scripts/", "entrypoints/", "docs/"):
+    for folder in ("smolbox/", *packages, "configs/", "bench/", "experiments/", "scripts/", "entrypoints/", "docs/"):
         if folder not in groups:
             missing.append(f"{folder} (a line of its own)")
         files = [p.name for p in (REPO / folder).iterdir() if p.is_file() and p.name != "__init__.py"]

@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# One lease on the GPU machine, in stages (one device call each; the machine stays warm between back-to-back
-# calls, so /tmp/rs, /tmp/runs and /tmp/exp carry over). Every stage sources bench/device_env.sh, which installs
-# the carried packages and, once all four parts have arrived, onnxruntime-gpu.
+# GPU-machine scaffolding, not a benchmark: the stages of one lease on a rented GPU machine (the device tool runs one
+# stage per call; the machine stays warm between back-to-back calls, so /tmp/rs, /tmp/runs and /tmp/exp carry
+# over). Every stage sources bench/gpu_machine_env.sh, which installs the carried packages and, once all four parts
+# have arrived, onnxruntime-gpu. The benchmarks it drives are bench/*.py (and, for the finished probes, experiments/);
+# docs/benchmarks.md records each session's commands as they ran (under this file's old name, bench/gpu_session.sh).
 #
-#   bash bench/gpu_session.sh train      real-shape model + recipe (stock TRL) vs default.yaml, same run
-#   bash bench/gpu_session.sh train2     default with peft's DoRA forward, and lowmem.yaml
-#   bash bench/gpu_session.sh e2e-train  verify + a few QDoRA DPO steps through `smolbox train`; transformers serving
-#   bash bench/gpu_session.sh e2e-serve  `smolbox export` of that run, one HTTP request, bench/vision_bench.py
-#   bash bench/gpu_session.sh export     the same with export.source=base (when no run exists)
-#   bash bench/gpu_session.sh serve-bench  bench/serve_bench.py on that export: ORT variants, HTTP at 8 and 32 clients
-#   bash bench/gpu_session.sh batching     base export (q4f16), HTTP static vs continuous batching
-#   bash bench/gpu_session.sh train3       recipe, default.yaml and default.yaml with precomputed reference log-probs
-#   bash bench/gpu_session.sh export-bench bench/export_bench.py at full size: merge, fp32/fp16 graphs, q4, q4f16, int8
-#   bash bench/gpu_session.sh probe        its parity; ORT q4f16 with and without the fpA_intB kernels (session
+#   bash bench/gpu_machine_session.sh train      real-shape model + recipe (stock TRL) vs default.yaml, same run
+#   bash bench/gpu_machine_session.sh train2     default with peft's DoRA forward, and lowmem.yaml
+#   bash bench/gpu_machine_session.sh e2e-train  verify + a few QDoRA DPO steps through `smolbox train`; transformers serving
+#   bash bench/gpu_machine_session.sh e2e-serve  `smolbox export` of that run, one HTTP request, experiments/vision_bench.py
+#   bash bench/gpu_machine_session.sh export     the same with export.source=base (when no run exists)
+#   bash bench/gpu_machine_session.sh serve-bench  bench/serve_bench.py on that export: ORT variants, HTTP at 8 and 32 clients
+#   bash bench/gpu_machine_session.sh batching     base export (q4f16), HTTP static vs continuous batching
+#   bash bench/gpu_machine_session.sh train3       recipe, default.yaml and default.yaml with precomputed reference log-probs
+#   bash bench/gpu_machine_session.sh export-bench bench/export_bench.py at full size: merge, fp32/fp16 graphs, q4, q4f16, int8
+#   bash bench/gpu_machine_session.sh probe        its parity; ORT q4f16 with and without the fpA_intB kernels (session
 #                                          config, and weights prepacked in the file), GPU kernel profiles
-#   bash bench/gpu_session.sh train4       default.yaml and lowmem.yaml (reference log-probs precomputed) and default without
-#   bash bench/gpu_session.sh export-base  smolbox export of the base model: fp32 + q4f16 (parity on 1 prompt)
-#   bash bench/gpu_session.sh serve4       ORT q4f16 TTFT / decode / kernel profile, then HTTP at 8 and 32 clients, 256 tokens
-#   bash bench/gpu_session.sh scale        default.yaml on 1 GPU and on every GPU of the host, global batch 32, side by side
-#   bash bench/gpu_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
+#   bash bench/gpu_machine_session.sh train4       default.yaml and lowmem.yaml (reference log-probs precomputed) and default without
+#   bash bench/gpu_machine_session.sh export-base  smolbox export of the base model: fp32 + q4f16 (parity on 1 prompt)
+#   bash bench/gpu_machine_session.sh serve4       ORT q4f16 TTFT / decode / kernel profile, then HTTP at 8 and 32 clients, 256 tokens
+#   bash bench/gpu_machine_session.sh scale        default.yaml on 1 GPU and on every GPU of the host, global batch 32, side by side
+#   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source bench/device_env.sh
+source bench/gpu_machine_env.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/card.txt"
@@ -49,7 +51,7 @@ EOF
 }
 
 case "${1:?stage}" in
-  parts|prepare) ;;  # carry an onnxruntime-gpu part (device_env.sh above); prepare also builds /tmp/rs
+  parts|prepare) ;;  # carry an onnxruntime-gpu part (gpu_machine_env.sh above); prepare also builds /tmp/rs
   train)
     python -m bench.train_bench --root /tmp/rs --steps 8 --variants recipe --json "$OUT/train_recipe.json" 2>&1 | tail -4
     python -m bench.train_bench --root /tmp/rs --steps 5 --variants default --json "$OUT/train_default.json" 2>&1 | tail -4
@@ -81,7 +83,7 @@ case "${1:?stage}" in
     curl -s "http://127.0.0.1:$port/health"; echo
     request "http://127.0.0.1:$port"
     kill -TERM $server; wait $server
-    python -m bench.vision_bench --model "$folder" --dtypes fp16 fp32 --q4 --json "$OUT/vision.json" 2>&1 | grep -v Warn | tail -8
+    python -m experiments.vision_bench --model "$folder" --dtypes fp16 fp32 --q4 --json "$OUT/vision.json" 2>&1 | grep -v Warn | tail -8
     ;;
   batching)  # fresh machine: base export (q4f16), then HTTP with static against continuous batching, side by side
     python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
@@ -101,7 +103,7 @@ case "${1:?stage}" in
   probe)
     python -m bench.export_bench "${EB[@]}" --phase parity 2>&1 | grep -vE "Warn|warn" | tail -16
     cp /tmp/exp/bench.json "$OUT/export_bench.json"
-    python -m bench.prepack_probe --export /tmp/exp/real.work --out /tmp/exp/prepacked 2>&1 | grep -v Warn | tail -3
+    python -m experiments.prepack_probe --export /tmp/exp/real.work --out /tmp/exp/prepacked 2>&1 | grep -v Warn | tail -3
     python -m bench.serve_bench --export /tmp/exp/real.work --ort-variants q4f16 --hf --clients --batch 32 --profile-kernels \
       --session-configs default ep.cuda.fpa_intb_gemm=1 --json "$OUT/serve_probe.json" 2>&1 | grep -vE "Warn|warn" | tail -70
     python -m bench.serve_bench --export /tmp/exp/prepacked --ort-variants q4f16 --hf --clients --batch 32 --profile-kernels \

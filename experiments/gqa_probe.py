@@ -6,7 +6,7 @@ requests join or leave a batch) and to keep fixed shapes for CUDA graphs (docs/b
 way"). Two rows of different prompt lengths are prefilled one by one into their slots of the shared buffer, then
 decoded together; every output is compared with a numpy reference (causal attention, rotate-half rotary).
 
-    python -m bench.gqa_probe        # prints the largest difference (CPU provider)
+    python -m experiments.gqa_probe        # prints the largest difference (CPU provider)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Vision encoder on onnxruntime: the torch.onnx-traced graph against smolbox.export.fused_vision's fused one, same model,
 same 13-tile image, same card.
 
-    python -m bench.vision_bench --model exports/real --json vision_bench.json [--dtypes fp16 fp32] [--q4]
+    python -m experiments.vision_bench --model exports/real --json vision_bench.json [--dtypes fp16 fp32] [--q4]
 
 --model is a merged Hugging Face folder (an export folder works). Both graphs are built into a temporary folder
 (fp16 traced from a half-precision copy, as smolbox.export does); --q4 also times the fused graph with 4-bit

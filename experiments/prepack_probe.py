@@ -7,7 +7,7 @@ where the build supports it). This script rewrites an export's q4f16 graphs with
 repacked: the same 4-bit values in another byte order, so the model's function is unchanged, only the kernel that
 reads them. The copy is a new export folder (all other files linked) that bench/serve_bench.py can load.
 
-    python -m bench.prepack_probe --export /tmp/exp/real --out /tmp/exp/real-prepacked [--variant q4f16]
+    python -m experiments.prepack_probe --export /tmp/exp/real --out /tmp/exp/real-prepacked [--variant q4f16]
 """
 
 from __future__ import annotations
