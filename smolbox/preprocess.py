@@ -169,7 +169,8 @@ class Preprocessor:
     def _normalize(self, pixels: np.ndarray) -> np.ndarray:
         """Rescaled and normalized CHW pixels in `pixel_dtype`. uint8 pixels (the usual case) are looked up in a
         table of the 256 results per channel: the same arithmetic, bit for bit, a fraction of the time, and it
-        writes fp16 directly for a graph that takes fp16, instead of a later cast of the whole array (~20-40 ms for 13 tiles)."""
+        writes fp16 directly for a graph that takes fp16, instead of a later cast of the whole array (its cost for a
+        full-size image: docs/notes.md)."""
         if pixels.dtype != np.uint8:
             return self._normalize_values(pixels).astype(self.pixel_dtype, copy=False)
         key = (pixels.shape[0], np.dtype(self.pixel_dtype).name)

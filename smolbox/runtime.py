@@ -31,9 +31,9 @@ def variant_providers(variant: str, cuda_options: dict | None = None) -> list:
 
 
 # onnxruntime's CUDA MultiHeadAttention picks cuDNN's flash attention for fp16, and cuDNN builds a new plan for
-# every new sequence length: each decode step, in every layer (20 tok/s instead of 256 for q4f16 on an H100).
-# The decoder gets sdpa_kernel=2 (memory-efficient attention); the vision encoder, whose shapes repeat, keeps
-# cuDNN (49 ms against 94 ms for 13 tiles).
+# every new sequence length: each decode step, in every layer, which made decoding an order of magnitude slower.
+# The decoder gets sdpa_kernel=2 (memory-efficient attention); the vision encoder, whose shapes repeat, keeps cuDNN,
+# which is faster there (docs/benchmarks.md, H100 first pass, "cuDNN attention off for the decoder").
 CUDA_OPTIONS = {"sdpa_kernel": "2"}
 
 
@@ -176,7 +176,7 @@ class OnnxVLM:
         session = self.sessions["decoder_model_merged"]
         types = self.input_types["decoder_model_merged"]
         binding = session.io_binding()
-        # A decode step is launch-bound on the GPU (~360 nodes, 2 ms of kernels): keep the Python around it lean.
+        # A decode step is launch-bound on the GPU (docs/notes.md): keep the Python around it lean.
         for name, value in (*feeds.items(), *past.items()):  # host arrays: the step's feeds, the empty first cache
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
@@ -235,8 +235,8 @@ class OnnxVLM:
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """onnxruntime's CUDA MultiHeadAttention takes its memory-efficient kernel with an attention mask only when
-        the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one (16 of 29 ms of a
-        1,107-token prefill on an H100). Left padding to a multiple of prefill_multiple changes no result."""
+        the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one, which took half of a
+        full-size prefill (docs/notes.md). Left padding to a multiple of prefill_multiple changes no result."""
         attention_mask = attention_mask.astype(np.int64)
         extra = -input_ids.shape[1] % self.prefill_multiple
         if extra:
