@@ -141,7 +141,7 @@ class OnnxVLM:
         session, types = self.sessions[graph], self.input_types[graph]
         binding = session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
+            _bind_input(binding, name, value, types[name])
         binding.bind_output(session.get_outputs()[0].name, self.device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
@@ -178,10 +178,7 @@ class OnnxVLM:
         binding = session.io_binding()
         # A decode step is launch-bound on the GPU (docs/notes.md): keep the Python around it lean.
         for name, value in (*feeds.items(), *past.items()):  # host arrays: the step's feeds, the empty first cache
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
-            else:
-                binding.bind_ortvalue_input(name, value)
+            _bind_input(binding, name, value, types[name])
         binding.bind_output("logits", "cpu")
         for name in self.output_names[1:]:
             binding.bind_output(name, self.device)
@@ -271,10 +268,11 @@ class OnnxVLM:
         return np.stack(generated, axis=1)
 
 
-def _bind_input(binding, name: str, value) -> None:
-    """A host array is copied to the device by onnxruntime; an OrtValue already there is used in place."""
+def _bind_input(binding, name: str, value, dtype=None) -> None:
+    """A host array (in `dtype`, the graph's, when given) is copied to the device by onnxruntime; an OrtValue
+    already there is used in place."""
     if isinstance(value, np.ndarray):
-        binding.bind_cpu_input(name, value)
+        binding.bind_cpu_input(name, value if dtype is None else np.ascontiguousarray(value, dtype=dtype))
     else:
         binding.bind_ortvalue_input(name, value)
 
