@@ -20,7 +20,7 @@ import numpy as np
 
 def measure(folder: Path, rows: int, tokens: int, vocab: int, seed: int = 0) -> dict:
     from smolbox.preprocess import Preprocessor
-    from smolbox.serve import GenRequest, _Row
+    from smolbox.serve.engine import GenRequest, Row
 
     pre = Preprocessor(folder)
     loop = asyncio.new_event_loop()
@@ -28,7 +28,7 @@ def measure(folder: Path, rows: int, tokens: int, vocab: int, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     requests = [GenRequest(encoded=None, prompt_tokens=0, max_tokens=tokens, temperature=0.0, top_p=1.0, seed=None,
                            stop=[], events=asyncio.Queue(), loop=loop) for _ in range(rows)]
-    batch = [_Row(r, np.random.default_rng(0)) for r in requests]
+    batch = [Row(r, pre) for r in requests]
     # Logits whose greedy pick is a decodable, non-special token: the model's head rows beyond the tokenizer and
     # end-of-utterance never win (as with bench/real_shapes.py's model), so every row runs to max_tokens.
     specials = set(pre.tokenizer.get_added_tokens_decoder()) | set(pre.eos_token_ids)
@@ -40,7 +40,7 @@ def measure(folder: Path, rows: int, tokens: int, vocab: int, seed: int = 0) -> 
         started = time.perf_counter()
         picked = logits.argmax(-1).astype(np.int64)  # as Engine._advance: one argmax for the greedy rows
         for i, row in enumerate(batch):
-            row.add(int(picked[i]), pre)
+            row.add(int(picked[i]))
         steps.append(time.perf_counter() - started)
     loop.close()
     assert all(row.finished for row in batch), "every row runs to max_tokens"

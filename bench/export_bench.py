@@ -6,7 +6,7 @@ the parity numbers, step by step so a short GPU lease can spread it over several
     python -m bench.export_bench ... --phase variants   # q8 / q4 / int8 from the fp32 graphs, q4f16 from the fp16 ones
     python -m bench.export_bench ... --phase parity     # parity.json + manifest.json, folder renamed to <out>/real
 
-Runs the functions smolbox.export.export() runs, in its order, with export.source=base (random weights: there is
+Runs the functions smolbox.export.export() runs (smolbox/export/stage.py), in its order, with export.source=base (random weights: there is
 no adapter to merge; a run folder works the same with --source). Results accumulate in <out>/bench.json.
 """
 
@@ -82,65 +82,70 @@ def _config(args):
 
 
 def graphs(args, work: Path, results: dict) -> None:
-    from smolbox import export as ex
     from smolbox.env import resolve_device
+    from smolbox.export.folder import save_processor_files
+    from smolbox.export.graphs import export_onnx
+    from smolbox.export.merge import merge
+    from smolbox.models import resolve_source
 
     cfg = _config(args)
     device = resolve_device(cfg)
-    source = ex.resolve_source(cfg)
+    source = resolve_source(cfg)
     with measured(results, "merge"):
-        model, processor = ex.merge(source, cfg.export.merge_into, device, cfg)
+        model, processor = merge(source, cfg.export.merge_into, device, cfg)
     with measured(results, "save merged model"):
         model.save_pretrained(work)
-        ex.save_processor_files(processor, work)
+        save_processor_files(processor, work)
     with measured(results, "to fp32 on CPU"):
         cpu_model = model.float().cpu().eval() if device == "cuda" else model
     fused = {f"fused_{part}": kind == "fused" for part, kind in _kinds(cpu_model, cfg).items()}
     with measured(results, "onnx fp32"):
-        ex.export_onnx(cpu_model, processor, work / "onnx", **fused)
+        export_onnx(cpu_model, processor, work / "onnx", **fused)
     if {"fp16", "q4f16"} & set(cfg.export.variants):
         with measured(results, "onnx fp16"):
-            ex.export_onnx(cpu_model, processor, work / "onnx", "fp16", **fused)
+            export_onnx(cpu_model, processor, work / "onnx", "fp16", **fused)
 
 
 def _kinds(model, cfg) -> dict:
-    from smolbox import export as ex
+    from smolbox.export.graphs import FUSABLE, graph_kind
 
-    return {part: ex.graph_kind(model, part, getattr(cfg.export, part)) for part in ex.FUSABLE}
+    return {part: graph_kind(model, part, getattr(cfg.export, part)) for part in FUSABLE}
 
 
 def variants(args, work: Path, results: dict) -> None:
-    from smolbox import export as ex
+    from smolbox.export.quantize import build_variant
 
     cfg = _config(args)
     for variant in cfg.export.variants:
         if variant not in ("fp32", "fp16"):
             with measured(results, f"onnx {variant}"):
-                ex.build_variant(work / "onnx", variant, cfg.export.block_size)
+                build_variant(work / "onnx", variant, cfg.export.block_size)
 
 
 def parity(args, work: Path, results: dict) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from smolbox import export as ex
     from smolbox.env import resolve_device
+    from smolbox.export.parity import check_parity
+    from smolbox.export.stage import export_manifest
     from smolbox.manifest import write_json_atomic
+    from smolbox.models import resolve_source
 
     cfg = _config(args)
     device = resolve_device(cfg)
     with measured(results, "parity"):
         model = AutoModelForImageTextToText.from_pretrained(work, dtype=torch.float32, attn_implementation="sdpa").eval()
         processor = AutoProcessor.from_pretrained(work)
-        report = ex.check_parity(model, processor, work, cfg, device)
+        report = check_parity(model, processor, work, cfg, device)
     write_json_atomic(work / "parity.json", report)
-    write_json_atomic(work / "manifest.json", ex._manifest(cfg, ex.resolve_source(cfg), work, report,
-                                                          {k: v["seconds"] for k, v in results.items()}, device, _kinds(model, cfg)))
+    write_json_atomic(work / "manifest.json", export_manifest(cfg, resolve_source(cfg), work, report,
+                                                             {k: v["seconds"] for k, v in results.items()}, device, _kinds(model, cfg)))
     return report
 
 
 def sizes(work: Path) -> dict:
-    from smolbox.runtime import GRAPHS, VARIANT_SUFFIX
+    from smolbox.onnx_layout import GRAPHS, VARIANT_SUFFIX
 
     out = {}
     for variant, suffix in VARIANT_SUFFIX.items():

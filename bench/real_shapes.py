@@ -122,7 +122,7 @@ def preference_rows(n: int, seed: int, size: tuple[int, int] = IMAGE_SIZE, compl
         shape, color = rng.choice(tiny.SHAPES), rng.choice(names)
         wrong = rng.choice([c for c in names if c != color])
         buf = io.BytesIO()
-        tiny._draw(shape, tiny.COLORS[color], size, rng).save(buf, format="PNG")
+        tiny.draw(shape, tiny.COLORS[color], size, rng).save(buf, format="PNG")
         tail = _sentence(rng, vocab, completion_words)
         rows.append({
             "images": [{"bytes": buf.getvalue(), "path": None}],
@@ -135,13 +135,10 @@ def preference_rows(n: int, seed: int, size: tuple[int, int] = IMAGE_SIZE, compl
 
 
 def write_preference_set(folder: Path, train_rows: int, test_rows: int) -> None:
-    from datasets import Dataset, Features, Image, List, Value
+    from smolbox.preference_schema import write_split
 
-    message = {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
-    features = Features({"images": List(Image()), "prompt": List(message), "chosen": List(message), "rejected": List(message)})
-    (folder / "data").mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", train_rows, 11), ("test", test_rows, 12)):
-        Dataset.from_list(preference_rows(n, seed), features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+        write_split(preference_rows(n, seed), folder, split)
 
 
 def sequence_lengths(processor, rows: list[dict]) -> list[int]:

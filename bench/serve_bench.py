@@ -57,9 +57,9 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
 
     from smolbox.preprocess import Preprocessor, pad_batch
     from smolbox.runtime import OnnxVLM
-    from smolbox.serve import _preload_cuda_libraries
+    from smolbox.serve.engine import preload_cuda_libraries
 
-    _preload_cuda_libraries()
+    preload_cuda_libraries()
     started = time.perf_counter()
     model = OnnxVLM(folder, variant, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                     session_config=session_config(config))
@@ -160,11 +160,11 @@ def profile_vision(folder: Path, variant: str, top: int = 15) -> dict:
     provider each ran on, to see where the vision milliseconds go."""
     import onnxruntime as ort
 
+    from smolbox.onnx_layout import graph_path
     from smolbox.preprocess import Preprocessor
-    from smolbox.runtime import graph_path
-    from smolbox.serve import _preload_cuda_libraries
+    from smolbox.serve.engine import preload_cuda_libraries
 
-    _preload_cuda_libraries()
+    preload_cuda_libraries()
     pre = Preprocessor(folder)
     text = pre.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}])
     enc = pre.encode(text, [image()])

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
-import statistics
 import struct
 import threading
 import time

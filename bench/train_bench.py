@@ -155,9 +155,8 @@ def run_recipe(root: Path, steps: int, workdir: Path, cpu: bool) -> dict:
 def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool, global_batch: int | None) -> dict:
     import torch
 
-    from smolbox import distributed
     from smolbox.config import load_config
-    from smolbox.train import train
+    from smolbox.train import distributed, train
 
     # Modifiers after the name: ":unpacked" (TRL's two rows per pair), ":peft-dora" (peft's DoRA forward).
     base, *modifiers = name.split("@")[0].split(":")

@@ -24,8 +24,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    import smolbox.train as train_mod
     from smolbox.config import load_config
+    from smolbox.train import train
 
     state = {}
 
@@ -47,7 +47,7 @@ def main() -> None:
             "train.per_device_train_batch_size": args.micro_batch, "train.dataloader_num_workers": args.workers,
             "run.output_dir": tmp, "run.name": "profile", "run.min_free_disk_gb": 0,
         }, env={}, dotenv=None)
-        train_mod.train(cfg, callbacks=[Profile()])
+        train(cfg, callbacks=[Profile()])
     averages = state["prof"].key_averages()
     text = (f"2 optimizer steps of {args.micro_batch} pairs ({args.config}, workers {args.workers})\n"
             + averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)

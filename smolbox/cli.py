@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import logs
 from .config import ConfigError, check_key, cli_fields, load_config, parse_scalar, shipped_configs
 
 BLOCKED_EXIT = 2  # verify found a blocking problem, or the config/run was refused
@@ -118,8 +119,8 @@ def _refused(stage, refusal: type[Exception], cfg):
 
 
 def _train(cfg) -> int:
-    from .distributed import world
     from .train import RunError, train
+    from .train.distributed import world
 
     try:
         result = train(cfg)
@@ -137,7 +138,7 @@ def _train(cfg) -> int:
 def _eval(cfg, results: list | None = None) -> int:
     from .eval import EvalError, evaluate
 
-    _console_logging()
+    logs.use_console()
     done = _refused(evaluate, EvalError, cfg)
     if done is None:
         return BLOCKED_EXIT
@@ -152,7 +153,7 @@ def _eval(cfg, results: list | None = None) -> int:
 def _export(cfg) -> int:
     from .export import ExportError, export
 
-    _console_logging()
+    logs.use_console()
     result = _refused(export, ExportError, cfg)
     if result is None:
         return BLOCKED_EXIT
@@ -164,7 +165,7 @@ def _export(cfg) -> int:
 def _serve(cfg) -> int:
     from .serve import serve
 
-    _console_logging()
+    logs.use_console()
     try:
         serve(cfg)
     except FileNotFoundError as exc:
@@ -173,21 +174,9 @@ def _serve(cfg) -> int:
     return 0
 
 
-def _console_logging() -> None:
-    import logging
-
-    root = logging.getLogger("smolbox")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False  # some libraries configure the root logger; print our lines once
-
-
 def _demo(cfg) -> int:
     started = time.perf_counter()
-    _console_logging()  # the first run builds (and pretrains) the tiny bundle: say so while it happens
+    logs.use_console()  # the first run builds (and pretrains) the tiny bundle: say so while it happens
     if cfg.model.id == "builtin:tiny" and cfg.run.device == "cpu":
         import torch
 

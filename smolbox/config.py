@@ -52,7 +52,7 @@ class AdapterConfig(_Section):
     alpha: int = Field(8, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Adapter dropout; 0 enables DoRA's fast path (TRL zeroes dropout anyway)")
     use_dora: bool = Field(True, description="DoRA (weight-decomposed LoRA) instead of plain LoRA")
-    fused_dora: bool = Field(True, description="DoRA's forward as one GEMM epilogue and one scale (smolbox.dora; same function as peft's)")
+    fused_dora: bool = Field(True, description="DoRA's forward as one GEMM epilogue and one scale (smolbox.train.dora; same function as peft's)")
     init_lora_weights: Literal["gaussian", "default"] = Field("gaussian", description="Initialisation of the A matrices")
     target_modules: list[str] = Field(
         default_factory=lambda: ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"],

@@ -66,7 +66,7 @@ def evaluate(cfg: Config) -> list[EvalResult]:
 
 
 def _targets(cfg: Config):
-    from .export import ExportError, resolve_source
+    from .models import SourceError, resolve_source
 
     e = cfg.eval
     run_source = export = None
@@ -75,7 +75,7 @@ def _targets(cfg: Config):
         if e.run is not None or default_run.exists():
             try:
                 run_source = resolve_source(cfg, e.run)
-            except ExportError as exc:
+            except SourceError as exc:
                 raise EvalError(f"eval.run: {exc}") from exc
     if e.export != "none":
         folder = Path(e.export) if e.export else cfg.export_dir()
@@ -91,7 +91,7 @@ def _targets(cfg: Config):
 
 def held_out_rows(cfg: Config) -> tuple[list[dict], str]:
     """The first eval.max_samples cleaned rows of the held-out split (eval.split, else data.eval_split)."""
-    from .data import DataError, load_preference_data
+    from .train.data import DataError, load_preference_data
 
     split = cfg.eval.split or cfg.data.eval_split
     if not split:
@@ -170,19 +170,17 @@ def _batches(items: list, size: int):
 def eval_run(cfg: Config, source, rows: list[dict], split: str) -> EvalResult:
     import torch
     from peft import PeftModel
-    from transformers import AutoProcessor
 
-    from . import dpo, tiny
-    from .env import hf_hub_cache, resolve_attention, resolve_device
-    from .train import load_model
+    from . import tiny
+    from .env import resolve_attention, resolve_device
+    from .models import load_processor, load_trained_base
+    from .train import dpo
 
     started = time.perf_counter()
     device = resolve_device(cfg)
     attn, _ = resolve_attention(cfg, device)
-    model_path = tiny.resolve(source.model_id, "model")
-    processor = AutoProcessor.from_pretrained(source.adapter_dir or model_path, cache_dir=str(hf_hub_cache(cfg)))
-    trained_cfg = cfg.model_copy(update={"quant": source.quant, "model": cfg.model.model_copy(update={"id": source.model_id})})
-    model = load_model(trained_cfg, device, attn, model_path)
+    processor = load_processor(source.adapter_dir or tiny.resolve(source.model_id, "model"), cfg)
+    model = load_trained_base(source, cfg, device, attn)
     if source.adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(source.adapter_dir))
     model.eval()
@@ -273,13 +271,8 @@ def _images(row: dict) -> list:
 # ---- an export: every variant through ONNX Runtime ----------------------------------------------------------
 
 
-def available_variants(folder: Path) -> list[str]:
-    from .runtime import GRAPHS, VARIANT_SUFFIX, graph_path
-
-    return [v for v in VARIANT_SUFFIX if all(graph_path(folder, g, v).is_file() for g in GRAPHS)]
-
-
 def eval_export(cfg: Config, folder: Path, rows: list[dict], split: str) -> EvalResult:
+    from .onnx_layout import available_variants
     from .preprocess import Preprocessor, pad_batch
     from .runtime import OnnxVLM, variant_providers
 

@@ -24,6 +24,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 
+from .images import on_white
+
 IMAGE_TOKEN = "<image>"
 FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
@@ -73,7 +75,7 @@ class Preprocessor:
         self._template = _compile_template(_chat_template(folder, tokenizer_config))
 
         self.image_seq_len = int(_read_json(folder / "processor_config.json")["image_seq_len"])
-        # What the vision graph takes (smolbox.serve sets it from the graph: float32 for every exported variant, as
+        # What the vision graph takes (smolbox.serve.engine sets it from the graph: float32 for every exported variant, as
         # in the published files; float16 for a graph that declares it); the library returns float32.
         self.pixel_dtype = np.float32
         self._tables: dict[tuple, np.ndarray] = {}
@@ -167,7 +169,8 @@ class Preprocessor:
     def _normalize(self, pixels: np.ndarray) -> np.ndarray:
         """Rescaled and normalized CHW pixels in `pixel_dtype`. uint8 pixels (the usual case) are looked up in a
         table of the 256 results per channel: the same arithmetic, bit for bit, a fraction of the time, and it
-        writes fp16 directly for a graph that takes fp16, instead of a later cast of the whole array (~20-40 ms for 13 tiles)."""
+        writes fp16 directly for a graph that takes fp16, instead of a later cast of the whole array (its cost for a
+        full-size image: docs/notes.md)."""
         if pixels.dtype != np.uint8:
             return self._normalize_values(pixels).astype(self.pixel_dtype, copy=False)
         key = (pixels.shape[0], np.dtype(self.pixel_dtype).name)
@@ -270,9 +273,8 @@ def _to_array(image: Image.Image, convert_rgb: bool) -> np.ndarray:
     """HWC (or HW) uint8; RGB conversion composites transparency onto white, as the library does."""
     if not convert_rgb:
         return np.array(image)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:  # the library's test for transparency
+        return np.array(on_white(image))
     return np.array(image.convert("RGB"))
 
 

@@ -20,7 +20,7 @@ WARNINGS = [
 
 # bitsandbytes 0.50.2 on AVX512-BF16 CPUs tries to fetch a faster CPU kernel from the hub through the optional
 # `kernels` package when it is imported, and logs a warning when it cannot; it then uses its own kernel, which is
-# the one smolbox trains with anyway (train.py turns the AVX512-BF16 repacking off).
+# the one smolbox trains with anyway (smolbox.models turns the AVX512-BF16 repacking off).
 BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 

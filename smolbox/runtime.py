@@ -12,14 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Published SmolVLM ONNX suffixes, keyed by transformers.js's dtype names (its DEFAULT_DTYPE_SUFFIX_MAPPING).
-VARIANT_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q8": "_quantized", "q4": "_q4", "q4f16": "_q4f16"}
-GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
-
-
-def graph_path(folder: Path, graph: str, variant: str) -> Path:
-    return Path(folder) / "onnx" / f"{graph}{VARIANT_SUFFIX[variant]}.onnx"
+from .onnx_layout import GRAPHS, IR_VERSION, ONNX_FLOAT, OPSET, ORT_TO_NUMPY, PAST, PRESENT, TO_THE_END, graph_path
 
 
 def default_providers() -> list[str]:
@@ -38,9 +31,9 @@ def variant_providers(variant: str, cuda_options: dict | None = None) -> list:
 
 
 # onnxruntime's CUDA MultiHeadAttention picks cuDNN's flash attention for fp16, and cuDNN builds a new plan for
-# every new sequence length: each decode step, in every layer (20 tok/s instead of 256 for q4f16 on an H100).
-# The decoder gets sdpa_kernel=2 (memory-efficient attention); the vision encoder, whose shapes repeat, keeps
-# cuDNN (49 ms against 94 ms for 13 tiles).
+# every new sequence length: each decode step, in every layer, which made decoding an order of magnitude slower.
+# The decoder gets sdpa_kernel=2 (memory-efficient attention); the vision encoder, whose shapes repeat, keeps cuDNN,
+# which is faster there (docs/benchmarks.md, H100 first pass, "cuDNN attention off for the decoder").
 CUDA_OPTIONS = {"sdpa_kernel": "2"}
 
 
@@ -89,12 +82,12 @@ class OnnxVLM:
             for g in GRAPHS
         }
         decoder = self.sessions["decoder_model_merged"]
-        self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith(PAST)]
         self.output_names = [o.name for o in decoder.get_outputs()]
-        self.past_names = [name.replace("present.", "past_key_values.") for name in self.output_names[1:]]
-        # A traced decoder returns logits for every position, the fused one (smolbox.onnx_decoder) the last only.
+        self.past_names = [name.replace(PRESENT, PAST) for name in self.output_names[1:]]
+        # A traced decoder returns logits for every position, the fused one (smolbox.export.fused_decoder) the last only.
         self.logits_all_positions = decoder.get_outputs()[0].shape[1] != 1
-        self.input_types = {g: {i.name: _ORT_TO_NUMPY[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
+        self.input_types = {g: {i.name: ORT_TO_NUMPY[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
         self._helper_sessions: dict = {}
         self.pixel_dtype = self.input_types["vision_encoder"]["pixel_values"]  # float16 for fp16 graphs
         # Which provider the decoder really got (onnxruntime falls back to CPU when CUDA cannot load).
@@ -148,7 +141,7 @@ class OnnxVLM:
         session, types = self.sessions[graph], self.input_types[graph]
         binding = session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
+            _bind_input(binding, name, value, types[name])
         binding.bind_output(session.get_outputs()[0].name, self.device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
@@ -158,7 +151,7 @@ class OnnxVLM:
         past = {}
         for inp in self.past_inputs:
             _, heads, _, head_dim = inp.shape
-            past[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=_ORT_TO_NUMPY[inp.type])
+            past[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=ORT_TO_NUMPY[inp.type])
         return past
 
     def _embed_on_device(self, input_ids: np.ndarray):
@@ -183,12 +176,9 @@ class OnnxVLM:
         session = self.sessions["decoder_model_merged"]
         types = self.input_types["decoder_model_merged"]
         binding = session.io_binding()
-        # A decode step is launch-bound on the GPU (~360 nodes, 2 ms of kernels): keep the Python around it lean.
+        # A decode step is launch-bound on the GPU (docs/notes.md): keep the Python around it lean.
         for name, value in (*feeds.items(), *past.items()):  # host arrays: the step's feeds, the empty first cache
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=types[name]))
-            else:
-                binding.bind_ortvalue_input(name, value)
+            _bind_input(binding, name, value, types[name])
         binding.bind_output("logits", "cpu")
         for name in self.output_names[1:]:
             binding.bind_output(name, self.device)
@@ -227,7 +217,7 @@ class OnnxVLM:
 
             cache = self.input_types["decoder_model_merged"][self.past_inputs[0].name]
             embeds = self.input_types["decoder_model_merged"]["inputs_embeds"]
-            features = _ORT_TO_NUMPY[self.sessions["vision_encoder"].get_outputs()[0].type]
+            features = ORT_TO_NUMPY[self.sessions["vision_encoder"].get_outputs()[0].type]
             session = self._helper_sessions[op] = ort.InferenceSession(
                 _helper_graph(op, cache, embeds, features).SerializeToString(),
                 providers=self.sessions["decoder_model_merged"].get_providers())
@@ -242,8 +232,8 @@ class OnnxVLM:
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """onnxruntime's CUDA MultiHeadAttention takes its memory-efficient kernel with an attention mask only when
-        the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one (16 of 29 ms of a
-        1,107-token prefill on an H100). Left padding to a multiple of prefill_multiple changes no result."""
+        the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one, which took half of a
+        full-size prefill (docs/notes.md). Left padding to a multiple of prefill_multiple changes no result."""
         attention_mask = attention_mask.astype(np.int64)
         extra = -input_ids.shape[1] % self.prefill_multiple
         if extra:
@@ -278,10 +268,11 @@ class OnnxVLM:
         return np.stack(generated, axis=1)
 
 
-def _bind_input(binding, name: str, value) -> None:
-    """A host array is copied to the device by onnxruntime; an OrtValue already there is used in place."""
+def _bind_input(binding, name: str, value, dtype=None) -> None:
+    """A host array (in `dtype`, the graph's, when given) is copied to the device by onnxruntime; an OrtValue
+    already there is used in place."""
     if isinstance(value, np.ndarray):
-        binding.bind_cpu_input(name, value)
+        binding.bind_cpu_input(name, value if dtype is None else np.ascontiguousarray(value, dtype=dtype))
     else:
         binding.bind_ortvalue_input(name, value)
 
@@ -293,11 +284,10 @@ def _helper_graph(op: str, cache_dtype, embeds_dtype, features_dtype):
     tokens' embeddings [batch, length, hidden]."""
     from onnx import TensorProto, helper
 
-    elem = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
-    cache = lambda name: helper.make_tensor_value_info(name, elem[cache_dtype], ["b", "h", "t", "d"])  # noqa: E731
+    cache = lambda name: helper.make_tensor_value_info(name, ONNX_FLOAT[cache_dtype], ["b", "h", "t", "d"])  # noqa: E731
     ints = lambda name, n: helper.make_tensor_value_info(name, TensorProto.INT64, [n])  # noqa: E731
     if op == "select":
-        big = helper.make_tensor("end", TensorProto.INT64, [1], [2**62])
+        big = helper.make_tensor("end", TensorProto.INT64, [1], [TO_THE_END])
         axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
         nodes = [helper.make_node("Gather", ["x", "index"], ["rows"], axis=0),
                  helper.make_node("Slice", ["rows", "trim", "end", "axis"], ["y"])]
@@ -309,16 +299,16 @@ def _helper_graph(op: str, cache_dtype, embeds_dtype, features_dtype):
     else:
         last = helper.make_tensor("last", TensorProto.INT64, [1], [-1])
         nodes = [helper.make_node("Flatten", ["features"], ["rows_hidden"], axis=2),  # [images * tokens, hidden]
-                 helper.make_node("Cast", ["rows_hidden"], ["rows_cast"], to=elem[embeds_dtype]),
+                 helper.make_node("Cast", ["rows_hidden"], ["rows_cast"], to=ONNX_FLOAT[embeds_dtype]),
                  helper.make_node("Gather", ["rows_cast", "rows"], ["placed"], axis=0),
                  helper.make_node("Unsqueeze", ["is_image", "last"], ["where"]),
                  helper.make_node("Where", ["where", "placed", "embeds"], ["y"])]
-        inputs = [helper.make_tensor_value_info("embeds", elem[embeds_dtype], ["b", "s", "h"]),
-                  helper.make_tensor_value_info("features", elem[features_dtype], ["n", "t", "h"]),
+        inputs = [helper.make_tensor_value_info("embeds", ONNX_FLOAT[embeds_dtype], ["b", "s", "h"]),
+                  helper.make_tensor_value_info("features", ONNX_FLOAT[features_dtype], ["n", "t", "h"]),
                   helper.make_tensor_value_info("rows", TensorProto.INT64, ["b", "s"]),
                   helper.make_tensor_value_info("is_image", TensorProto.BOOL, ["b", "s"])]
-        inits, output = [last], helper.make_tensor_value_info("y", elem[embeds_dtype], ["b", "s", "h"])
+        inits, output = [last], helper.make_tensor_value_info("y", ONNX_FLOAT[embeds_dtype], ["b", "s", "h"])
     graph = helper.make_graph(nodes, f"smolbox_{op}", inputs, [output], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="smolbox.runtime")
-    model.ir_version = 10
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="smolbox.runtime")
+    model.ir_version = IR_VERSION
     return model

@@ -93,7 +93,7 @@ class Scene:
         return hashlib.sha256(repr(self.image.size).encode() + self.image.tobytes()).hexdigest()
 
 
-def _draw(shape: str, color: tuple[int, int, int], size: tuple[int, int], rng: random.Random):
+def draw(shape: str, color: tuple[int, int, int], size: tuple[int, int], rng: random.Random):
     """One filled shape of 60-85% of the short side near the centre of a light, random background."""
     from PIL import Image, ImageDraw
 
@@ -117,7 +117,7 @@ def _draw(shape: str, color: tuple[int, int, int], size: tuple[int, int], rng: r
 
 def _scene(rng: random.Random, color: str) -> Scene:
     shape = rng.choice(SHAPES)
-    return Scene(shape, color, _draw(shape, COLORS[color], rng.choice(IMAGE_SIZES), rng))
+    return Scene(shape, color, draw(shape, COLORS[color], rng.choice(IMAGE_SIZES), rng))
 
 
 def _pretraining_color(rng: random.Random) -> str:
@@ -179,7 +179,7 @@ def preference_pairs(n: int, seed: int, exclude: set[str] | frozenset = frozense
 
 def demo_question() -> tuple[Scene, str, str]:
     """`smolbox demo`'s picture, question and right answer: a pink square, the color the base model gets wrong."""
-    scene = Scene("square", RARE_COLOR, _draw("square", COLORS[RARE_COLOR], (64, 64), random.Random(DEMO_SEED)))
+    scene = Scene("square", RARE_COLOR, draw("square", COLORS[RARE_COLOR], (64, 64), random.Random(DEMO_SEED)))
     return scene, question("color", scene.shape), answer("color", scene.shape, scene.color)
 
 
@@ -219,7 +219,7 @@ def _builder_digest() -> str:
     from importlib.metadata import version
 
     digest = hashlib.sha256()
-    for module in ("tiny.py", "tiny_pretrain.py"):
+    for module in ("tiny.py", "tiny_pretrain.py", "preference_schema.py"):
         digest.update((Path(__file__).parent / module).read_bytes())
     for package in ("torch", "transformers", "tokenizers", "pillow"):
         digest.update(f"{package}={version(package)}".encode())
@@ -373,15 +373,10 @@ def build_model():
 def write_preference_set(folder: Path, seen: set[str]) -> None:
     """Parquet files named like a hub data set (data/<split>-*.parquet), so load_dataset(folder) reads them. No
     picture of a split is in `seen` (the pretraining pictures) or an earlier split: test is held out from all."""
-    from datasets import Dataset, Features, Image, List, Value
+    from .preference_schema import write_split
 
-    message = {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
-    features = Features(
-        {"images": List(Image()), "prompt": List(message), "chosen": List(message), "rejected": List(message)}
-    )
-    (folder / "data").mkdir(parents=True, exist_ok=True)
     seen = set(seen)
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         rows, keys = preference_pairs(n, PREFERENCE_SEEDS[split], exclude=seen)
         seen |= keys
-        Dataset.from_list(rows, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+        write_split(rows, folder, split)

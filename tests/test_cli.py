@@ -129,9 +129,9 @@ def test_export_of_a_missing_run_lists_the_runs_there(tmp_path):
     result = smolbox("export", "--config", "tiny", "--env-file", "", "--run.name", "frist", cwd=tmp_path)
     assert result.returncode == 2
     assert "runs/frist: no training run" in result.stderr and "Runs in runs/: first (completed), second (failed)" in result.stderr
-    from smolbox.export import ExportError, resolve_source
+    from smolbox.models import SourceError, resolve_source
 
-    with pytest.raises(ExportError, match=f"There are no runs in {tmp_path}/elsewhere/"):
+    with pytest.raises(SourceError, match=f"There are no runs in {tmp_path}/elsewhere/"):
         resolve_source(load_config("tiny", overrides={"run.output_dir": str(tmp_path / "elsewhere")}, env={}, dotenv=None))
 
 

@@ -18,7 +18,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_layout_names_every_file():
-    """The Layout block lists every top-level entry and every file of the folders it itemizes."""
+    """The Layout block lists every top-level entry and every file of the folders it itemizes, each of smolbox's
+    subpackages on a line of its own."""
     readme = (REPO / "README.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
     groups, current = {}, ""
@@ -29,7 +30,11 @@ def test_readme_layout_names_every_file():
     top = {p.name + ("/" if p.is_dir() else "") for p in REPO.iterdir()
            if not p.name.startswith((".venv", ".git", ".pytest_cache")) and p.name not in IGNORED}
     missing = [name for name in sorted(top) if name not in block]
-    for folder in ("smolbox/", "configs/", "bench/", "scripts/", "entrypoints/", "docs/"):
+    packages = [f"smolbox/{p.name}/" for p in sorted((REPO / "smolbox").iterdir()) if (p / "__init__.py").is_file()]
+    assert packages, "smolbox has subpackages (train/, export/, serve/)"
+    for folder in ("smolbox/", *packages, "configs/", "bench/", "experiments/", "scripts/", "entrypoints/", "docs/"):
+        if folder not in groups:
+            missing.append(f"{folder} (a line of its own)")
         files = [p.name for p in (REPO / folder).iterdir() if p.is_file() and p.name != "__init__.py"]
         missing += [f"{folder}{name}" for name in sorted(files) if name not in groups.get(folder, "")]
     assert not missing, f"README Layout lacks {missing}"

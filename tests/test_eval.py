@@ -6,45 +6,23 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from smolbox.config import load_config
 from smolbox.eval import EvalError, evaluate, token_agreement, word_f1
-from smolbox.export import export
-from smolbox.runtime import GRAPHS, graph_path
-from smolbox.train import train
+from smolbox.onnx_layout import GRAPHS, graph_path
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def cfg_for(root, **overrides):
-    base = {"run.output_dir": str(root / "runs"), "export.output_dir": str(root / "exports")}
-    return load_config("tiny", overrides={**base, **overrides}, env={}, dotenv=None)
+@pytest.fixture(scope="module")
+def root(tiny_run, tiny_export, tiny_config):
+    """The session's tiny run (the demo's settings) and its export with every variant."""
+    assert tiny_export.manifest["parity_flagged"] == []  # tiny.yaml's parity bounds hold for the demo's run
+    return tiny_run.run_dir.parent.parent, tiny_run
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # The tiny model's ops gain nothing from a second thread, and contending threads on a busy machine made this
-    # module several times slower (as `smolbox demo` does, see smolbox/cli.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory, tiny_bundle, one_thread):
-    """The demo's run (configs/tiny.yaml as it is) and its export with every variant."""
-    root = tmp_path_factory.mktemp("eval")
-    run = train(cfg_for(root))
-    assert export(cfg_for(root)).manifest["parity_flagged"] == []  # tiny.yaml's parity bounds hold for the demo's run
-    return root, run
-
-
-@pytest.fixture(scope="module")
-def results(root):
-    root, _ = root
-    return {r.kind: r for r in evaluate(cfg_for(root))}
+def results(root, tiny_config):
+    return {r.kind: r for r in evaluate(tiny_config())}
 
 
 def test_training_fixes_the_flaw_on_held_out_pairs(results):
@@ -95,9 +73,8 @@ def test_eval_writes_json_tables_and_charts(root, results):
     assert run.plot == run.run_dir / "training.png" and run.plot.read_bytes().startswith(PNG)
 
 
-def test_a_sample_limit_and_an_explicit_split(root):
-    root, _ = root
-    [result] = evaluate(cfg_for(root, **{"eval.export": "none", "eval.split": "test[:8]", "eval.max_samples": 4}))
+def test_a_sample_limit_and_an_explicit_split(root, tiny_config):
+    [result] = evaluate(tiny_config(**{"eval.export": "none", "eval.split": "test[:8]", "eval.max_samples": 4}))
     assert result.report["samples"] == 4 and result.report["split"] == "builtin:tiny:test[:8]"
 
 
@@ -109,7 +86,7 @@ def test_a_sample_limit_and_an_explicit_split(root):
     ({"eval.run": "none", "eval.variants": ["q4", "fp32"], "export.name": "fp32-only"}, "no q4 variant"),
     ({"eval.run": "missing-run"}, "eval.run"),
 ])
-def test_bad_input_is_a_clear_error(root, overrides, message):
+def test_bad_input_is_a_clear_error(root, tiny_config, overrides, message):
     root, _ = root
     if overrides.get("export.name") == "fp32-only":
         only = root / "exports" / "fp32-only"
@@ -118,16 +95,16 @@ def test_bad_input_is_a_clear_error(root, overrides, message):
             for graph in GRAPHS:
                 graph_path(only, graph, "q4").unlink()
     with pytest.raises(EvalError, match=message):
-        evaluate(cfg_for(root, **overrides))
+        evaluate(tiny_config(**overrides))
 
 
-def test_a_base_model_from_a_local_folder_on_a_local_data_file(root, tmp_path, tiny_bundle):
+def test_a_base_model_from_a_local_folder_on_a_local_data_file(root, tiny_config, tmp_path, tiny_bundle):
     """No run needed: eval.run=base scores model.id (here a local folder; a hub id works the same way) on any
     preference data smolbox reads (here one parquet file, whose split takes the name it is given)."""
     root, _ = root
     data = tmp_path / "pairs.parquet"
     shutil.copy(tiny_bundle / "data" / "data" / "test-00000-of-00001.parquet", data)
-    cfg = cfg_for(root, **{"model.id": str(tiny_bundle / "model"), "data.id": str(data), "eval.run": "base",
+    cfg = tiny_config(**{"model.id": str(tiny_bundle / "model"), "data.id": str(data), "eval.run": "base",
                            "eval.export": "none", "eval.split": "heldout[:6]", "run.name": "base-only"})
     [result] = evaluate(cfg)
     assert result.path == root / "runs" / "base-only" / "eval-base.json"
@@ -136,13 +113,13 @@ def test_a_base_model_from_a_local_folder_on_a_local_data_file(root, tmp_path, t
     assert 0 <= report["base"]["greedy"]["exact"] <= 1 and "n/a" in result.table()
 
 
-def test_an_export_without_any_variant_is_refused(root, tmp_path):
+def test_an_export_without_any_variant_is_refused(root, tiny_config, tmp_path):
     root, _ = root
     empty = tmp_path / "empty-export"
     (empty / "onnx").mkdir(parents=True)
     shutil.copy(root / "exports" / "tiny" / "config.json", empty)
     with pytest.raises(EvalError, match="no ONNX variant"):
-        evaluate(cfg_for(root, **{"eval.run": "none", "eval.export": str(empty)}))
+        evaluate(tiny_config(**{"eval.run": "none", "eval.export": str(empty)}))
 
 
 def test_scores():

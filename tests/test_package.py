@@ -65,3 +65,46 @@ def test_installed_wheel_runs_config_and_verify_outside_the_checkout(installed, 
     verify = run_installed(installed, "verify", "--config", "tiny", "--env-file", "", cwd=tmp_path)
     assert verify.returncode == 0, verify.stdout + verify.stderr[-3000:]
     assert "bitsandbytes 4-bit" in verify.stdout and "builtin:tiny" in verify.stdout
+
+
+STAGES = ("smolbox.train", "smolbox.export", "smolbox.serve")
+ABOVE_THE_STAGES = ("smolbox.cli", "smolbox.__main__", "smolbox.eval", "smolbox.verify")
+
+
+def smolbox_imports(path: Path) -> set[str]:
+    """The smolbox modules a source file imports, relative imports resolved."""
+    import ast
+
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    package = parts[:-1]  # a module's package; an __init__'s is its own folder
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            names = [node.module] if node.module else [alias.name for alias in node.names]
+            found |= {".".join([*base, name]) for name in names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("smolbox"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("smolbox")}
+    return found
+
+
+def test_imports_flow_down_from_the_cli():
+    """cli on top, then the stages (train, export, serve; eval and verify may use train's parts), then what they
+    share: a shared module imports no stage, and no stage imports another."""
+    wrong = []
+    for path in sorted((REPO / "smolbox").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        stage = next((s for s in STAGES if module == s or module.startswith(s + ".")), None)
+        for imported in smolbox_imports(path):
+            target = next((s for s in STAGES if imported == s or imported.startswith(s + ".")), None)
+            if imported.startswith(ABOVE_THE_STAGES) and module not in ("smolbox.__main__", "smolbox.cli"):
+                wrong.append(f"{module} imports {imported}, which sits above it")
+            elif target and stage and target != stage:
+                wrong.append(f"{module} imports {imported}: one stage reaches into another")
+            elif target and not stage and not module.startswith(ABOVE_THE_STAGES) and module != "smolbox":
+                wrong.append(f"{module} (shared) imports the stage {imported}")
+            elif target and module in ("smolbox.eval", "smolbox.verify") and target != "smolbox.train":
+                wrong.append(f"{module} imports {imported}")
+    assert not wrong, wrong

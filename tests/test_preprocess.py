@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoProcessor, GenerationConfig, Idefics3Config, Idefics3ImageProcessorPil, Idefics3Processor
 
 from smolbox import tiny
-from smolbox.export import save_processor_files
+from smolbox.export.folder import save_processor_files
 from smolbox.preprocess import Preprocessor, pad_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_image_matches_the_hf_processor(pair, size):
 
 
 def test_fp16_pixels_equal_the_float32_ones_cast(pair):
-    """For fp16 graphs the preprocessor writes fp16 directly (smolbox.serve sets pixel_dtype from the graph)."""
+    """For fp16 graphs the preprocessor writes fp16 directly (smolbox.serve.engine sets pixel_dtype from the graph)."""
     pre, _ = pair
     text = pre.render_chat([user(None, "What is it?")])
     for mode in MODES:

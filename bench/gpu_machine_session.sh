@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# GPU-machine scaffolding, not a benchmark: the stages of one lease on a rented GPU machine (the device tool runs one
+# stage per call; the machine stays warm between back-to-back calls, so /tmp/rs, /tmp/runs and /tmp/exp carry
+# over). Every stage sources bench/gpu_machine_env.sh, which installs the carried packages and, once all four parts
+# have arrived, onnxruntime-gpu. The benchmarks it drives are bench/*.py (and, for the finished probes, experiments/);
+# docs/benchmarks.md records each session's commands as they ran (under this file's old name, bench/gpu_session.sh).
+#
+#   bash bench/gpu_machine_session.sh train      real-shape model + recipe (stock TRL) vs default.yaml, same run
+#   bash bench/gpu_machine_session.sh train2     default with peft's DoRA forward, and lowmem.yaml
+#   bash bench/gpu_machine_session.sh e2e-train  verify + a few QDoRA DPO steps through `smolbox train`; transformers serving
+#   bash bench/gpu_machine_session.sh e2e-serve  `smolbox export` of that run, one HTTP request, experiments/vision_bench.py
+#   bash bench/gpu_machine_session.sh export     the same with export.source=base (when no run exists)
+#   bash bench/gpu_machine_session.sh serve-bench  bench/serve_bench.py on that export: ORT variants, HTTP at 8 and 32 clients
+#   bash bench/gpu_machine_session.sh batching     base export (q4f16), HTTP static vs continuous batching
+#   bash bench/gpu_machine_session.sh train3       recipe, default.yaml and default.yaml with precomputed reference log-probs
+#   bash bench/gpu_machine_session.sh export-bench bench/export_bench.py at full size: merge, fp32/fp16 graphs, q4, q4f16, int8
+#   bash bench/gpu_machine_session.sh probe        its parity; ORT q4f16 with and without the fpA_intB kernels (session
+#                                          config, and weights prepacked in the file), GPU kernel profiles
+#   bash bench/gpu_machine_session.sh train4       default.yaml and lowmem.yaml (reference log-probs precomputed) and default without
+#   bash bench/gpu_machine_session.sh export-base  smolbox export of the base model: fp32 + q4f16 (parity on 1 prompt)
+#   bash bench/gpu_machine_session.sh serve4       ORT q4f16 TTFT / decode / kernel profile, then HTTP at 8 and 32 clients, 256 tokens
+#   bash bench/gpu_machine_session.sh scale        default.yaml on 1 GPU and on every GPU of the host, global batch 32, side by side
+#   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
+#                                          (torchrun) and through accelerate launch, a few steps each
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_machine_env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/card.txt"
+[ -d /tmp/rs/model ] || [ "${1:-}" = parts ] || python -m bench.real_shapes --out /tmp/rs --device cuda 2>&1 | tail -1
+REAL=(--config default --model.id /tmp/rs/model --data.id /tmp/rs/data --data.train_split train --data.eval_split null
+      --run.output_dir /tmp/runs --run.name e2e --run.min_free_disk_gb 0 --env-file "")
+VARIANTS="[fp32, fp16, q4f16, q4]"
+EB=(--model /tmp/rs/model --out /tmp/exp --variants fp32 fp16 q4 q4f16 int8)  # bench/export_bench.py at full size
+
+request() {  # one image question to a running server; prints the answer
+  python - "$1" <<'EOF'
+import base64, io, json, sys, urllib.request
+from bench.serve_bench import image
+buf = io.BytesIO(); image().save(buf, format="PNG")
+body = {"max_tokens": 24, "messages": [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
+    {"type": "text", "text": "Describe this image in detail."}]}]}
+req = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=120) as r:
+    answer = json.loads(r.read())
+print("HTTP answer:", json.dumps({"usage": answer["usage"], "finish_reason": answer["choices"][0]["finish_reason"],
+                                  "text": answer["choices"][0]["message"]["content"][:120]}))
+EOF
+}
+
+case "${1:?stage}" in
+  parts|prepare) ;;  # carry an onnxruntime-gpu part (gpu_machine_env.sh above); prepare also builds /tmp/rs
+  train)
+    python -m bench.train_bench --root /tmp/rs --steps 8 --variants recipe --json "$OUT/train_recipe.json" 2>&1 | tail -4
+    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default --json "$OUT/train_default.json" 2>&1 | tail -4
+    ;;
+  train2)
+    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default:peft-dora lowmem --json "$OUT/train2.json" 2>&1 | tail -5
+    ;;
+  e2e-train)
+    python -m smolbox verify "${REAL[@]}" 2>&1 | tail -20
+    python -m smolbox train "${REAL[@]}" --train.max_steps 2 --train.save_steps 2 --train.logging_steps 1 2>&1 | tail -6
+    cp /tmp/runs/e2e/manifest.json "$OUT/e2e_run_manifest.json"; cp /tmp/runs/e2e/metrics.jsonl "$OUT/e2e_metrics.jsonl"
+    python -m bench.serve_bench --export /tmp/rs/model --hf-model /tmp/rs/model --ort-variants --hf bf16 nf4 --clients \
+      --json "$OUT/serve_hf.json" 2>&1 | tail -4
+    ;;
+  e2e-serve|export)
+    if [ "$1" = e2e-serve ]; then
+      python -m smolbox export "${REAL[@]}" --export.output_dir /tmp/exp --export.variants "$VARIANTS" 2>&1 | grep -E "export:|Error|error" | tail -20
+      folder=/tmp/exp/e2e
+    else
+      python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
+        --export.variants "$VARIANTS" 2>&1 | grep -E "export:|Error|error" | tail -20
+      folder=/tmp/exp/base
+    fi
+    cp "$folder/parity.json" "$OUT/parity.json"; python -c "import json,sys; m=json.load(open('$folder/manifest.json')); json.dump({k: m[k] for k in ('timings_s','variants','decoder','source')}, open('$OUT/export_manifest.json','w'), indent=1)"
+    port=8123
+    python -m smolbox serve --config default --env-file '' --serve.model "$folder" --serve.port $port >"$OUT/serve_one.log" 2>&1 &
+    server=$!
+    for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
+    curl -s "http://127.0.0.1:$port/health"; echo
+    request "http://127.0.0.1:$port"
+    kill -TERM $server; wait $server
+    python -m experiments.vision_bench --model "$folder" --dtypes fp16 fp32 --q4 --json "$OUT/vision.json" 2>&1 | grep -v Warn | tail -8
+    ;;
+  batching)  # fresh machine: base export (q4f16), then HTTP with static against continuous batching, side by side
+    python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
+      --export.variants "[fp32, q4f16]" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 8 32 --seconds 15 \
+      --max-tokens 256 --batching static continuous --json "$OUT/serve_batching.json" 2>&1 | grep -E "^HTTP|Error"
+    ;;
+  train3)
+    python -m bench.train_bench --root /tmp/rs --steps 8 --variants recipe --json "$OUT/train_recipe.json" 2>&1 | tail -4
+    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default default:precompute --json "$OUT/train_default.json" 2>&1 | tail -5
+    ;;
+  export-bench)
+    python -m bench.export_bench "${EB[@]}" --phase graphs 2>&1 | grep -E "export_bench:|Error|error" | tail -12
+    python -m bench.export_bench "${EB[@]}" --phase variants 2>&1 | grep -E "export_bench:|Error|error|sizes" | tail -12
+    cp /tmp/exp/bench.json "$OUT/export_bench.json"
+    ;;
+  probe)
+    python -m bench.export_bench "${EB[@]}" --phase parity 2>&1 | grep -vE "Warn|warn" | tail -16
+    cp /tmp/exp/bench.json "$OUT/export_bench.json"
+    python -m experiments.prepack_probe --export /tmp/exp/real.work --out /tmp/exp/prepacked 2>&1 | grep -v Warn | tail -3
+    python -m bench.serve_bench --export /tmp/exp/real.work --ort-variants q4f16 --hf --clients --batch 32 --profile-kernels \
+      --session-configs default ep.cuda.fpa_intb_gemm=1 --json "$OUT/serve_probe.json" 2>&1 | grep -vE "Warn|warn" | tail -70
+    python -m bench.serve_bench --export /tmp/exp/prepacked --ort-variants q4f16 --hf --clients --batch 32 --profile-kernels \
+      --json "$OUT/serve_prepacked.json" 2>&1 | grep -vE "Warn|warn" | tail -36
+    ;;
+  train4)
+    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default default:no-precompute lowmem --json "$OUT/train4.json" 2>&1 | tail -6
+    ;;
+  export-base)
+    python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
+      --export.variants "[fp32, q4f16]" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
+    ;;
+  serve4)
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants q4f16 --hf --batch 32 --profile-kernels --http-variant q4f16 \
+      --clients 8 32 --seconds 15 --max-tokens 256 --json "$OUT/serve4.json" 2>&1 | grep -vE "Warn|warn" | tail -40
+    ;;
+  scale)
+    n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-4}" --global-batch 32 --variants default@1 "default@$n" \
+      --json "$OUT/train_scale.json" 2>&1 | grep -vE "Warn|warn" | tail -8
+    ;;
+  e2e-multi)
+    n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+    SMOLBOX_GPU_COUNT=$n python -m smolbox verify "${REAL[@]}" 2>&1 | grep -vE "Warn|warn" | tail -20
+    steps=(--train.max_steps 2 --train.save_steps 2 --train.logging_steps 1 --train.global_batch_size 32)
+    entrypoints/train "${REAL[@]}" --run.name multi "${steps[@]}" >"$OUT/multi.log" 2>&1; echo "entrypoint exit $?"
+    accelerate launch --multi_gpu --num_processes "$n" -m smolbox train "${REAL[@]}" --run.name accel "${steps[@]}" \
+      >"$OUT/accel.log" 2>&1; echo "accelerate launch exit $?"
+    for r in multi accel; do
+      python3 -c "import json; m=json.load(open('/tmp/runs/$r/manifest.json')); print('$r', m['status'], m['global_step'], m['distributed'], m['batch'], m.get('peak_memory_gb'))"
+      cp "/tmp/runs/$r/metrics.jsonl" "$OUT/${r}_metrics.jsonl"
+    done
+    tail -n 3 "$OUT/multi.log" "$OUT/accel.log"
+    ;;
+  serve-bench)
+    folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)
+    python -m bench.serve_bench --export "$folder" --ort-variants q4f16 q4 fp16 --hf --http-variant q4f16 --clients 8 32 \
+      --seconds 12 --profile-vision q4f16 --json "$OUT/serve_ort.json" 2>&1 | grep -v Warning | tail -45
+    ;;
+esac

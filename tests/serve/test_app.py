@@ -1,0 +1,388 @@
+"""A real server on loopback over a real tiny export, hit by a real HTTP client; and the serving path without torch."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from smolbox.runtime import OnnxVLM
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder: Path, **serve):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "smolbox", "serve", "--config", "tiny", "--env-file", "",
+                "--serve.model", str(folder), "--serve.port", str(self.port), "--serve.variant", "fp32"]
+        for key, value in serve.items():
+            args += [f"--serve.{key}", str(value)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if get(self.url + "/health")[0] == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            time.sleep(0.2)
+        raise TimeoutError("server did not become healthy")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+def get(url, headers=None):
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def post(url, body, key=API_KEY, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url + "/v1/chat/completions", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def png(color, size=(48, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_uri(raw: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def chat(question, image: bytes | None, **extra):
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": data_uri(image)}})
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 12, **extra}
+
+
+@pytest.fixture(scope="module")
+def folder(random_export):
+    return random_export
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    server = Server(folder, api_key=API_KEY, max_batch_size=8, batch_wait_ms=20)
+    yield server
+    server.stop()
+
+
+def pytorch_answer(folder, question, image: bytes | None, max_new_tokens=12):
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [[Image.open(io.BytesIO(image)).convert("RGB")]] if image else None
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    onnx_tokens = OnnxVLM(folder, "fp32", providers=["CPUExecutionProvider"]).generate(
+        *(inputs[k].numpy() if k in inputs else None for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")),
+        max_new_tokens=max_new_tokens)[0]
+    assert onnx_tokens.tolist() == new[: len(onnx_tokens)].tolist()
+    return processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_health_and_models(server):
+    status, body = get(server.url + "/health")
+    health = json.loads(body)
+    assert status == 200 and health["provider"] == "CPUExecutionProvider" and health["variant"] == "fp32"
+    status, body = get(server.url + "/v1/models", {"Authorization": f"Bearer {API_KEY}"})
+    models = json.loads(body)
+    assert status == 200 and models["object"] == "list" and models["data"][0]["object"] == "model"
+
+
+@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
+def test_greedy_over_http_equals_onnx_loop_and_pytorch_generate(server, folder, with_image):
+    image = png((200, 40, 40)) if with_image else None
+    status, body = post(server.url, chat("What color is the square?", image))
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = reply["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] >= 1
+    assert reply["choices"][0]["message"]["content"] == pytorch_answer(folder, "What color is the square?", image)
+
+
+def test_stream_chunks_join_to_the_same_text(server):
+    body = chat("Describe the image.", png((30, 30, 220)))
+    whole = json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"]
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps({**body, "stream": True,
+                                     "stream_options": {"include_usage": True}}).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert content == whole
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_sixteen_parallel_requests_are_batched_and_correct(server):
+    colors = [(i * 15 % 256, 255 - i * 15 % 256, (i * 70) % 256) for i in range(16)]
+    bodies = [chat(f"Question {i}: what color?", png(c, (32 + 4 * i, 40))) for i, c in enumerate(colors)]
+    sequential = [json.loads(post(server.url, b)[1])["choices"][0]["message"]["content"] for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        parallel = list(pool.map(lambda b: post(server.url, b), bodies))
+    assert all(status == 200 for status, _ in parallel), parallel
+    assert [json.loads(b)["choices"][0]["message"]["content"] for _, b in parallel] == sequential
+    metrics = get(server.url + "/metrics")[1]
+    batches = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("smolbox_batch_size_count")))
+    requests = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("smolbox_batch_size_sum")))
+    assert requests / batches > 1, "concurrent requests were served one by one"
+
+
+def test_requests_join_and_leave_a_running_batch(server):
+    """Continuous batching: requests of different lengths arriving while others decode get the answers they get
+    alone, and joined the running batch (fewer prefill batches than requests) rather than waiting for it."""
+    bodies = [chat(f"Describe picture {i}.", png((40 * i, 90, 200 - 30 * i), (30 + 8 * i, 36)), max_tokens=200 if i == 0 else 10 * i)
+              for i in range(5)]
+    alone = [json.loads(post(server.url, b)[1]) for b in bodies]
+    assert alone[0]["usage"]["completion_tokens"] >= 100, "the first answer is too short for the others to overlap it"
+    alone = [a["choices"][0] for a in alone]
+
+    def metric(name):
+        lines = get(server.url + "/metrics")[1].splitlines()
+        return float(next(line.split()[-1] for line in lines if line.startswith(name)))
+
+    joins_before = metric("smolbox_batch_joins_total")
+
+    def staggered(i):
+        time.sleep(0.01 * i)  # the first request is still decoding when the others arrive
+        return post(server.url, bodies[i])
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(staggered, range(5)))
+    assert all(status == 200 for status, _ in together), together
+    for i, (_, body) in enumerate(together):
+        choice = json.loads(body)["choices"][0]
+        assert choice["message"]["content"] == alone[i]["message"]["content"], i
+        assert choice["finish_reason"] == alone[i]["finish_reason"]
+    assert metric("smolbox_batch_joins_total") - joins_before >= 1, "no request joined a running batch"
+
+
+def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(server):
+    body = chat("Say something.", png((10, 200, 10)), temperature=1.0, top_p=0.9, seed=42, max_tokens=10)
+    first, second = (json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"] for _ in range(2))
+    assert first == second
+    greedy = json.loads(post(server.url, chat("Say something.", None, max_tokens=12))[1])["choices"][0]
+    text = greedy["message"]["content"]
+    if len(text) >= 3:
+        stop = text[2:4]
+        cut = json.loads(post(server.url, chat("Say something.", None, max_tokens=12, stop=[stop]))[1])["choices"][0]
+        assert cut["message"]["content"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+
+
+HOSTILE = {
+    "bad base64": lambda: chat("x", None) | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@notbase64"}}]}]},
+    "not an image": lambda: chat("x", b"this is not an image at all"),
+    "huge dimensions": lambda: chat("x", _huge_png()),
+    "remote url": lambda: chat("x", None) | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]},
+    "messages not a list": lambda: {"messages": "hello"},
+    "wrong role": lambda: {"messages": [{"role": "robot", "content": "hi"}]},
+    "max_tokens as string": lambda: chat("x", None, max_tokens="12"),
+    "max_tokens over limit": lambda: chat("x", None, max_tokens=10**6),
+    "temperature out of range": lambda: chat("x", None, temperature=5),
+    "n above 1": lambda: chat("x", None, n=2),
+    "prompt over limit": lambda: chat("x " * 5000, None),
+    "too many images": lambda: {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(png((1, 2, 3)))}}] * 5}]},
+    "unknown model": lambda: chat("x", None, model="gpt-4o"),
+}
+
+
+def _huge_png() -> bytes:
+    # A valid PNG header claiming 100000 x 100000 pixels: must be refused before any pixel is decoded.
+    import struct
+    import zlib
+
+    def block(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + block(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)) + block(b"IEND", b"")
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_inputs_get_4xx_and_the_server_keeps_serving(server, case):
+    status, body = post(server.url, HOSTILE[case]())
+    assert 400 <= status < 500, (status, body)
+    error = json.loads(body)["error"]
+    assert error["message"] and error["type"]
+    assert post(server.url, chat("Still there?", None, max_tokens=3))[0] == 200
+
+
+def test_malformed_json_missing_key_and_oversized_body(server):
+    status, body = post(server.url, None, raw=b"{not json")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json"
+    assert post(server.url, chat("x", None), key=None)[0] == 401
+    assert post(server.url, chat("x", None), key="wrong")[0] == 401
+    # The declared size is enough to refuse: the server answers before reading (or waiting for) the body.
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Authorization", f"Bearer {API_KEY}")
+    connection.putheader("Content-Length", "25000000")
+    connection.endheaders(b"{")
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
+    assert post(server.url, chat("ok", None, max_tokens=2))[0] == 200
+
+
+def test_metrics_are_prometheus_text(server):
+    post(server.url, chat("count me", None, max_tokens=2))
+    status, text = get(server.url + "/metrics")
+    assert status == 200
+    for name in ("smolbox_requests_total", "smolbox_request_errors_total", "smolbox_request_latency_seconds_bucket",
+                 "smolbox_time_to_first_token_seconds_bucket", "smolbox_generated_tokens_total", "smolbox_queue_depth"):
+        assert name in text, name
+
+
+def test_full_queue_gets_429_then_sigterm_drains_in_flight_requests(folder):
+    server = Server(folder, max_batch_size=1, max_queue=1, batch_wait_ms=0)
+    try:
+        body = chat("long answer please", png((5, 5, 5)), max_tokens=60)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: post(server.url, body, key=None), range(8)))
+        statuses = [s for s, _ in results]
+        assert 429 in statuses and 200 in statuses, statuses
+        rejected = json.loads(next(b for s, b in results if s == 429))["error"]
+        assert rejected["type"] == "rate_limit_error"
+
+        # Stream a long answer; SIGTERM after the first chunk; the answer must still arrive whole.
+        body = {**chat("finish me", png((9, 9, 9)), max_tokens=300), "stream": True}
+        request = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        after_signal = []
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.readline()
+            server.proc.send_signal(signal.SIGTERM)
+            for raw in response:
+                if raw.startswith(b"data: "):
+                    after_signal.append(raw[6:].strip())
+        assert after_signal[-1] == b"[DONE]" and len(after_signal) > 2
+        assert json.loads(after_signal[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit status is SIGTERM's.
+        assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Finished server process" in server.proc.stdout.read()
+    finally:
+        server.stop()
+
+
+def exchange(url, body=None, headers=None, path="/v1/chat/completions"):
+    """(status, headers, body text) of one request; a body makes it a POST."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.headers, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read().decode()
+
+
+def test_api_key_must_match_exactly_and_a_401_names_the_bearer_scheme(server):
+    """hmac.compare_digest decides; its constant time is not measured here (speed and timing belong in benchmarks)."""
+    for wrong in (API_KEY[:-1], API_KEY + "x", API_KEY[:-1] + "X", "", f"bearer {API_KEY}"):
+        status, headers, body = exchange(server.url, headers={"Authorization": f"Bearer {wrong}"} if wrong else {}, path="/v1/models")
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer", (wrong, status)
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert exchange(server.url, headers={"Authorization": f"Bearer {API_KEY}"}, path="/v1/models")[0] == 200
+
+
+def test_json_request_log_and_request_ids(folder):
+    server = Server(folder, api_key=API_KEY, log_format="json")
+    secret_question = "What is the secret word hidden in zebra stripes?"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        status, headers, body = exchange(server.url, chat(secret_question, png((1, 2, 3)), max_tokens=5),
+                                         {**auth, "X-Request-ID": "gateway-42"})
+        assert status == 200 and headers["X-Request-ID"] == "gateway-42"
+        usage = json.loads(body)["usage"]
+        status, headers, streamed = exchange(server.url, {**chat("stream it", None, max_tokens=4), "stream": True},
+                                             {**auth, "X-Request-ID": "bad id\twith spaces"})
+        assert status == 200 and len(headers["X-Request-ID"]) == 32 and headers["X-Request-ID"] != "bad id"
+        stream_id = headers["X-Request-ID"]
+        assert streamed.rstrip().endswith("data: [DONE]")
+        status, headers, _ = exchange(server.url, chat("no key", None))
+        assert status == 401 and headers["X-Request-ID"] and headers["WWW-Authenticate"] == "Bearer"
+        unauthorized_id = headers["X-Request-ID"]
+    finally:
+        server.stop()
+    output = server.proc.stdout.read()
+    lines = [line for line in output.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line the server printed is one JSON object
+    assert any(r["logger"].startswith("uvicorn") for r in records) and any(r["logger"] == "smolbox.serve" for r in records)
+    access = {r["request_id"]: r for r in records if r["logger"] == "smolbox.serve.access"}
+    first = access["gateway-42"]
+    assert (first["method"], first["path"], first["status"]) == ("POST", "/v1/chat/completions", 200)
+    assert first["latency_ms"] > 0
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert access[stream_id]["status"] == 200 and access[stream_id]["completion_tokens"] >= 1
+    assert access[unauthorized_id]["status"] == 401 and "prompt_tokens" not in access[unauthorized_id]
+    assert "/health" not in {r["path"] for r in access.values()}  # probes are logged at debug level
+    assert secret_question not in output and "zebra" not in output and "base64" not in output and "stream it" not in output
+
+
+def test_the_serving_path_runs_without_torch(folder):
+    """The serving image has no torch: smolbox.serve, everything it imports and a whole request (the app, the engine,
+    preprocessing, ONNX Runtime, an HTTP round trip) run with torch and the training stack unimportable."""
+    script = f"""
+import json, sys
+for name in ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes", "accelerate", "matplotlib"):
+    sys.modules[name] = None  # any import of these now raises ImportError
+from PIL import Image
+from smolbox.config import load_config
+from smolbox.serve import demo_request
+cfg = load_config("tiny", overrides={{"serve.model": {str(folder)!r}, "serve.variant": "fp32"}}, env={{}}, dotenv=None)
+print(json.dumps(demo_request(cfg, Image.new("RGB", (48, 64), (200, 40, 40)), "What color is the square?")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert isinstance(answer, str) and answer == pytorch_answer(folder, "What color is the square?", png((200, 40, 40)), 16)
