@@ -127,25 +127,27 @@ class RunCallback(TrainerCallback):
 
     pairs_per_s counts training alone: the time spent evaluating and saving checkpoints inside a logging window is
     taken out (evaluation has its own line, with eval_runtime). peak_memory_gb is the largest over the processes,
-    peak_memory_gb_per_rank each one's. Every process runs the callbacks at the same points, so the gathers meet."""
+    peak_memory_gb_per_rank each one's. Every process runs the callbacks at the same points, so the gathers meet.
+    `clock` (seconds, monotonic) is a seam for tests that check the arithmetic with a clock they drive."""
 
-    def __init__(self, metrics_path: Path, pairs_per_step: int, device: str):
+    def __init__(self, metrics_path: Path, pairs_per_step: int, device: str, clock=time.perf_counter):
         self.metrics_path = metrics_path
         self.pairs_per_step = pairs_per_step
         self.device = device
-        self.window_start = self.step_end = time.perf_counter()
+        self.clock = clock
+        self.window_start = self.step_end = clock()
         self.window_step = 0
         self.paused = 0.0  # seconds of evaluation and saving inside the current window
 
     def on_train_begin(self, args, state, control, **kw):
-        self.window_start = self.step_end = time.perf_counter()
+        self.window_start = self.step_end = self.clock()
         self.window_step, self.paused = state.global_step, 0.0
 
     def on_step_end(self, args, state, control, **kw):
-        self.step_end = time.perf_counter()
+        self.step_end = self.clock()
 
     def _pause_since_step_end(self) -> None:
-        now_ = time.perf_counter()
+        now_ = self.clock()
         self.paused += now_ - self.step_end
         self.step_end = now_
 
@@ -156,11 +158,11 @@ class RunCallback(TrainerCallback):
         logs = dict(logs or {})
         record = {"step": state.global_step, "epoch": state.epoch, "time": now()}
         if "loss" in logs:  # a training log: throughput since the previous one
-            elapsed = time.perf_counter() - self.window_start - self.paused
+            elapsed = self.clock() - self.window_start - self.paused
             steps = state.global_step - self.window_step
             if steps > 0 and elapsed > 0:
                 record["pairs_per_s"] = round(steps * self.pairs_per_step / elapsed, 4)
-            self.window_start = self.step_end = time.perf_counter()
+            self.window_start = self.step_end = self.clock()
             self.window_step, self.paused = state.global_step, 0.0
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and not math.isnan(v)})
         peaks = distributed.gather(peak_memory_gb(self.device))

@@ -67,7 +67,7 @@ def test_run_writes_adapter_checkpoints_metrics_and_manifest(reference_run):
     assert len(train_logs) == STEPS // 2  # logging_steps: 2
     for key in ("loss", "rewards/accuracies", "rewards/margins", "learning_rate", "pairs_per_s", "peak_memory_gb"):
         assert all(key in r for r in train_logs), key
-    assert eval_logs and all("eval_rewards/accuracies" in r for r in eval_logs)
+    assert eval_logs and all("eval_rewards/accuracies" in r and r["eval_runtime"] > 0 for r in eval_logs)
 
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["status"] == "completed" and m["start"] and m["end"] and m["global_step"] == STEPS
