@@ -334,6 +334,24 @@ def test_a_repeated_image_skips_the_vision_encoder_and_gets_the_same_answer(serv
     assert metric(server, "smolbox_image_cache_bytes") > 0
 
 
+def test_images_of_waiting_requests_go_through_the_vision_encoder_together(folder):
+    """With the image cache off, eight image requests arriving together are encoded in fewer vision-encoder calls
+    than images, and each gets the answer it gets alone (one image, one call)."""
+    server = Server(folder, max_batch_size=8, batch_wait_ms=50, image_cache_mb=0)
+    try:
+        bodies = [chat(f"Picture {i}?", png((25 * i, 200 - 20 * i, 90), (36 + 5 * i, 44)), max_tokens=6) for i in range(8)]
+        alone = [json.loads(post(server.url, b, key=None)[1])["choices"][0]["message"]["content"] for b in bodies]
+        calls = metric(server, "smolbox_vision_encoder_calls_total")
+        assert calls == 8 and metric(server, "smolbox_image_cache_hits_total") == 0
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda b: post(server.url, b, key=None), bodies))
+        assert [json.loads(b)["choices"][0]["message"]["content"] for _, b in together] == alone
+        assert metric(server, "smolbox_image_cache_misses_total") == 16
+        assert metric(server, "smolbox_vision_encoder_calls_total") - calls < 8, "every image was encoded on its own"
+    finally:
+        server.stop()
+
+
 def test_newcomers_prefill_one_budget_a_step_and_still_get_their_answers(folder):
     """serve.max_prefill_tokens_per_step below one prompt: every newcomer is prefilled in a step of its own (a
     lone request always runs), between decode steps of the rows already running, and joins them; answers are
