@@ -183,7 +183,8 @@ class ServeConfig(_Section):
     max_queue: int = Field(64, gt=0, description="Waiting requests beyond this get 429")
     max_prefill_tokens_per_step: int = Field(
         2048, gt=0, description="Prompt tokens prefilled in one engine step beside the running rows' decode step, so "
-                                "newcomers' prefills do not stall them; a longer prompt runs alone in its step")
+                                "newcomers' prefills do not stall them; a longer prompt runs alone in its step "
+                                "(continuous batching only)")
     max_kv_tokens: int = Field(
         65536, gt=0, description="KV cache capacity: prompt + max_tokens summed over the requests in flight; a request "
                                  "that would exceed it waits in the queue, one that exceeds it alone gets 400")

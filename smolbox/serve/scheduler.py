@@ -41,13 +41,15 @@ def plan(waiting: list[tuple[int, int]], running: int, kv_in_use: int, limits: S
          fits: Callable[[list[int]], bool] = lambda lengths: True) -> int:
     """How many of the waiting requests, (prompt tokens, KV tokens) each in arrival order, start in this step.
     `running` rows hold `kv_in_use` KV tokens; `fits(prompt lengths)` says whether those prompts may prefill as one
-    batch (smolbox.serve.engine.prefill_fits)."""
+    batch (smolbox.serve.engine.prefill_fits). Without continuous batching newcomers cannot join later, so a new
+    batch fills up without a prefill budget."""
+    budget = limits.max_prefill_tokens_per_step if limits.continuous_batching else float("inf")
     count, prompt = 0, 0
     for prompt_tokens, kv in waiting:
         if running + count >= limits.max_batch_size or kv_in_use + kv > limits.max_kv_tokens:
             break
         lengths = [p for p, _ in waiting[: count + 1]]
-        if count and (prompt + prompt_tokens > limits.max_prefill_tokens_per_step or not fits(lengths)):
+        if count and (prompt + prompt_tokens > budget or not fits(lengths)):
             break
         count, prompt, kv_in_use = count + 1, prompt + prompt_tokens, kv_in_use + kv
     return count

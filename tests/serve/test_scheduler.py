@@ -22,6 +22,8 @@ def test_newcomers_fill_the_prefill_budget_and_a_longer_one_runs_alone():
     assert plan([(500, 600), (10, 20)], running=2, kv_in_use=0, limits=limits()) == 1  # over the budget: alone
     assert plan([(10, 20)] * 10, running=5, kv_in_use=0, limits=limits()) == 3  # the batch has room for 3
     assert plan([(10, 20)] * 3, running=0, kv_in_use=0, limits=limits(), fits=lambda lengths: len(lengths) < 3) == 2
+    # Without continuous batching a batch cannot take newcomers later: it starts as full as it can.
+    assert plan([(40, 50), (70, 80)], running=0, kv_in_use=0, limits=limits(continuous_batching=False)) == 2
 
 
 def test_kv_capacity_makes_newcomers_wait_in_arrival_order():
