@@ -38,7 +38,7 @@ def measure(folder: Path, rows: int, tokens: int, vocab: int, seed: int = 0) -> 
         logits = rng.standard_normal((rows, vocab), dtype=np.float32)
         logits[np.arange(rows), rng.choice(choices, rows)] = 10.0
         started = time.perf_counter()
-        picked = logits.argmax(-1).astype(np.int64)  # as Engine._advance: one argmax for the greedy rows
+        picked = logits.argmax(-1).astype(np.int64)  # as Engine._step: one argmax for the greedy rows
         for i, row in enumerate(batch):
             row.add(int(picked[i]))
         steps.append(time.perf_counter() - started)

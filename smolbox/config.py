@@ -181,6 +181,16 @@ class ServeConfig(_Section):
             return {k: ("1" if v is True else "0" if v is False else str(v)) for k, v in value.items()}
         return value
     max_queue: int = Field(64, gt=0, description="Waiting requests beyond this get 429")
+    max_prefill_tokens_per_step: int = Field(
+        2048, gt=0, description="Prompt tokens prefilled in one engine step beside the running rows' decode step, so "
+                                "newcomers' prefills do not stall them; a longer prompt runs alone in its step "
+                                "(continuous batching only)")
+    max_kv_tokens: int = Field(
+        65536, gt=0, description="KV cache capacity: prompt + max_tokens summed over the requests in flight; a request "
+                                 "that would exceed it waits in the queue, one that exceeds it alone gets 400")
+    image_cache_mb: float = Field(
+        256.0, ge=0, description="Vision features of recent images (LRU, keyed by a hash of the preprocessed pixels) "
+                                 "that a repeated image reuses instead of running the vision encoder; 0 = off")
     max_body_bytes: int = Field(20_000_000, gt=0, description="Largest request body")
     max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image (width x height)")
     max_images: int = Field(4, ge=0, description="Images per request")

@@ -56,6 +56,7 @@ class Encoded:
     attention_mask: np.ndarray  # int64 [1, T]
     pixel_values: np.ndarray | None  # [1, N, 3, H, W] in Preprocessor.pixel_dtype; None when the prompt has no image
     pixel_attention_mask: np.ndarray | None  # bool [1, N, H, W]
+    image_tiles: tuple[int, ...] = ()  # tiles of each image, in order (they sum to N)
 
 
 class Preprocessor:
@@ -114,14 +115,16 @@ class Preprocessor:
         if len(pieces) - 1 != len(images):
             raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} tokens but {len(images)} images were given")
         tiles: list[np.ndarray] = []
+        counts: list[int] = []
         expanded = [pieces[0]]
         for image, piece in zip(images, pieces[1:]):
             image_tiles, rows, cols = self.image_tiles(image)
             tiles += image_tiles
+            counts.append(len(image_tiles))
             expanded += [self.image_prompt(rows, cols), piece]
 
         ids = np.array([self.tokenizer.encode("".join(expanded)).ids], dtype=np.int64)
-        encoded = Encoded(ids, np.ones_like(ids), None, None)
+        encoded = Encoded(ids, np.ones_like(ids), None, None, tuple(counts))
         if tiles:
             batch = _pad_images([tiles])
             encoded.pixel_values, encoded.pixel_attention_mask = batch["pixel_values"], batch["pixel_attention_mask"]

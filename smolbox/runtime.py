@@ -107,17 +107,27 @@ class OnnxVLM:
         types = self.input_types[graph]
         return self.sessions[graph].run(None, {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feeds.items()})
 
-    def embed(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None):
+    def vision_features(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
+        """The vision encoder's features [tiles, tokens, hidden] (a host array) of pixel tiles [B, N, 3, H, W]; tiles
+        that are all zeros (padding) are dropped, as in embed(). A serving engine encodes the tiles of several
+        requests in one call and passes each prompt its own rows as `image_features`."""
+        return self._run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})[0]
+
+    def embed(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None, image_features=None):
         """Token embeddings with the image features in place of the <image> tokens: a host array, or with bind_io
-        an OrtValue in device memory (features and embeddings never leave the GPU)."""
+        an OrtValue in device memory (features and embeddings never leave the GPU). `image_features` [tiles, tokens,
+        hidden] (from vision_features, in prompt order) stand for the pixels when given."""
         image_positions = input_ids == self.image_token_id
-        has_image = pixel_values is not None and bool(image_positions.any())
+        has_image = (pixel_values is not None or image_features is not None) and bool(image_positions.any())
         if self.bind_io:
             embeds = self._embed_on_device(input_ids)
             if not has_image:
                 return embeds
-            features = self._bound_run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})
-            shape = features.shape()
+            if image_features is not None:
+                features, shape = image_features, image_features.shape
+            else:
+                features = self._bound_run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})
+                shape = features.shape()
             self._check_image_count(shape[0] * shape[1], image_positions)
             # Row of the flattened features each position takes (0 for text positions, which keep their embedding).
             rows = np.zeros(input_ids.shape, np.int64)
@@ -125,8 +135,9 @@ class OnnxVLM:
             return self._helper_op("place", {"embeds": embeds, "features": features, "rows": rows, "is_image": image_positions})
         embeds = self._run("embed_tokens", {"input_ids": input_ids})[0]
         if has_image:
-            features = self._run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})[0]
-            features = features.reshape(-1, embeds.shape[-1])
+            if image_features is None:
+                image_features = self.vision_features(pixel_values, pixel_attention_mask)
+            features = image_features.reshape(-1, embeds.shape[-1])
             self._check_image_count(features.shape[0], image_positions)
             embeds[image_positions] = features.astype(embeds.dtype)
         return embeds
@@ -241,9 +252,9 @@ class OnnxVLM:
             attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
         return input_ids, attention_mask
 
-    def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None) -> Step:
+    def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, image_features=None) -> Step:
         input_ids, attention_mask = self.pad_prompt(input_ids, attention_mask)
-        embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)
+        embeds = self.embed(input_ids, pixel_values, pixel_attention_mask, image_features)
         return self.forward(embeds, attention_mask, self.empty_past(input_ids.shape[0]))
 
     def decode(self, step: Step, tokens: np.ndarray) -> Step:

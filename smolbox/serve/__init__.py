@@ -2,7 +2,8 @@
 serving image has none; tests/serve/test_app.py keeps it so).
 
   api.py         the request: typed models, the server's limits, OpenAI-style errors
-  engine.py      the scheduler: one thread, continuous batching, rows that stream text and know when to stop
+  engine.py      the engine: one thread, continuous batching in steps, rows that stream text and know when to stop
+  scheduler.py   who starts in each step (batch room, prefill-token budget, KV capacity); the image cache
   metrics.py     Prometheus metrics
   access_log.py  request ids and one log record per request
   app.py         the FastAPI app: routes, one error handler, one API-key dependency; `serve()`

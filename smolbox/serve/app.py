@@ -25,8 +25,9 @@ from .. import logs
 from ..config import Config
 from . import access_log
 from .api import APIError, Prompt, validate
-from .engine import Engine, GenRequest, QueueFull
+from .engine import Engine, GenRequest
 from .metrics import Metrics
+from .scheduler import QueueFull
 
 log = logging.getLogger("smolbox.serve")
 
@@ -88,15 +89,21 @@ def build_app(cfg: Config) -> FastAPI:
             raise APIError(503, "The model is still loading; retry shortly.", code="model_loading", kind="server_error")
         body = await _read_body(request, cfg.serve.max_body_bytes)
         # Image decoding, tiling and tokenization take tens of ms of CPU: off the event loop, so streams keep flowing.
-        prompt, encoded = await asyncio.to_thread(_prepare, body, cfg, model_name, engine)
+        prompt, encoded, images = await asyncio.to_thread(_prepare, body, cfg, model_name, engine)
         prompt_tokens = int(encoded.input_ids.shape[1])
         logged = access_log.usage(request.scope)
         logged["prompt_tokens"] = prompt_tokens
         if prompt_tokens > cfg.serve.max_prompt_tokens:
             raise APIError(400, f"The prompt is {prompt_tokens} tokens (images included); this server accepts at most "
                                 f"{cfg.serve.max_prompt_tokens}: shorten the text or send fewer/smaller images.", "messages", "context_length_exceeded")
+        capacity = cfg.serve.max_kv_tokens
+        if prompt_tokens + prompt.max_tokens > capacity:  # would never fit the KV cache, even alone
+            param, change = ("max_tokens", "lower 'max_tokens'") if prompt_tokens < capacity else ("messages", "shorten the prompt")
+            raise APIError(400, f"The prompt ({prompt_tokens} tokens) and 'max_tokens' ({prompt.max_tokens}) add up to "
+                                f"{prompt_tokens + prompt.max_tokens} tokens; this server holds at most {capacity} per request: "
+                                f"{change}.", param, "context_length_exceeded")
         job = GenRequest(encoded, prompt_tokens, prompt.max_tokens, prompt.temperature, prompt.top_p, prompt.seed, prompt.stop,
-                         asyncio.Queue(), asyncio.get_running_loop(), started)
+                         asyncio.Queue(), asyncio.get_running_loop(), started, images)
         try:
             engine.submit(job)
         except QueueFull:
@@ -113,10 +120,11 @@ def build_app(cfg: Config) -> FastAPI:
 
 
 def _prepare(body, cfg: Config, model_name: str, engine: Engine):
-    """Validate the request and turn it into model inputs (runs in a worker thread)."""
+    """Validate the request and turn it into model inputs and image keys (runs in a worker thread)."""
     prompt: Prompt = validate(body, cfg.serve, model_name)
     text = engine.preprocessor.render_chat(prompt.chat, add_generation_prompt=True)
-    return prompt, engine.preprocessor.encode(text, prompt.images)
+    encoded = engine.preprocessor.encode(text, prompt.images)
+    return prompt, encoded, engine.image_parts(encoded)
 
 
 async def _read_body(request: Request, limit: int) -> object:

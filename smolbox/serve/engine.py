@@ -1,16 +1,17 @@
 """The serving engine: one thread owns the ONNX sessions and generates for every waiting request together.
 
-Requests wait in a bounded queue. When nothing runs, the engine takes up to serve.max_batch_size of them, prefills
-them as one left-padded batch and decodes them together with the KV cache kept on the device. Each step samples a
-token for every row, lets finished rows leave and lets waiting requests, prefilled on their own, join the batch
-(continuous batching). A row turns its tokens into streamed text and decides when it is done.
+Requests wait in a bounded queue (smolbox.serve.scheduler). The engine runs in steps: each samples a token for every
+running row, lets finished rows leave, decodes one step for the others, and then prefills the newcomers the
+scheduler picks as one left-padded batch that joins the running one (continuous batching), the KV cache kept on the
+device. Newcomers come within a prompt-token budget per step, so running rows get a decode step between them, and
+within the KV capacity; their images go through the vision encoder in one call, repeated images not at all (image
+cache). A row turns its tokens into streamed text and decides when it is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,10 +21,11 @@ import numpy as np
 from tokenizers.decoders import DecodeStream
 
 from ..config import Config
-from ..onnx_layout import available_variants
+from ..onnx_layout import available_variants, graph_path
 from ..preprocess import Encoded, Preprocessor, pad_batch
 from ..runtime import OnnxVLM, Step, default_providers
 from .metrics import Metrics
+from .scheduler import ImageCache, Scheduler, image_parts, stack_tiles
 
 log = logging.getLogger("smolbox.serve")
 
@@ -44,6 +46,7 @@ class GenRequest:
     events: asyncio.Queue  # the engine posts ("token", text_delta) / ("done", finish_reason, completion_tokens)
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.perf_counter)
+    images: list[tuple[bytes, np.ndarray]] = field(default_factory=list)  # (key, tiles) per image: Engine.image_parts
 
     def post(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -82,22 +85,20 @@ def prefill_fits(prompt_tokens: list[int], vocab_size: int, logits_all_positions
     return len(prompt_tokens) == 1 or len(prompt_tokens) * longest * vocab_size * 4 <= PREFILL_LOGITS_BUDGET
 
 
-class QueueFull(Exception):
-    pass
-
-
 class Engine:
-    """Owns the ONNX sessions; one thread batches waiting requests and generates for them together."""
+    """Owns the ONNX sessions; one thread runs steps: a decode step for the running rows, then the prefill of the
+    newcomers the scheduler picks (smolbox.serve.scheduler), their images through the vision encoder together."""
 
     def __init__(self, cfg: Config, folder: Path, metrics: Metrics):
         self.cfg, self.folder, self.metrics = cfg, folder, metrics
-        self.queue: queue.Queue[GenRequest] = queue.Queue()
+        self.scheduler = Scheduler(cfg.serve)
+        self.image_cache = ImageCache(int(cfg.serve.image_cache_mb * 2**20))
+        self.identity = b""  # the export's identity in image keys (set when the sessions load)
         self.ready = threading.Event()
         self.stopping = threading.Event()
         self.error: str | None = None
         self.model: OnnxVLM | None = None
         self.preprocessor: Preprocessor | None = None
-        self.pending: GenRequest | None = None  # a request that did not fit the last prefill goes first next time
         self.thread = threading.Thread(target=self._main, name="smolbox-engine", daemon=True)
 
     def start(self) -> None:
@@ -108,10 +109,12 @@ class Engine:
         self.thread.join(timeout=30)
 
     def submit(self, request: GenRequest) -> None:
-        if self.queue.qsize() >= self.cfg.serve.max_queue:
-            raise QueueFull()
-        self.queue.put(request)
-        self.metrics.queue_depth.set(self.queue.qsize())
+        self.scheduler.submit(request)
+        self.metrics.queue_depth.set(self.scheduler.waiting())
+
+    def image_parts(self, encoded: Encoded) -> list[tuple[bytes, np.ndarray]]:
+        """A request's images as (key, tiles), for GenRequest.images (called in the request's worker thread)."""
+        return image_parts(encoded, self.identity)
 
     def _main(self) -> None:
         try:
@@ -123,84 +126,106 @@ class Engine:
         active: Batch | None = None
         while not self.stopping.is_set():
             if active is None:
-                active = self._admit(block=True, room=self.cfg.serve.max_batch_size)
-                continue
+                # Nothing runs: wait for a first request, then up to serve.batch_wait_ms for the batch to fill.
+                if not self.scheduler.wait(1, timeout=0.1):
+                    continue
+                self.scheduler.wait(self.cfg.serve.max_batch_size, timeout=self.cfg.serve.batch_wait_ms / 1000)
             try:
-                active = self._advance(active)
+                active = self._step(active)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
                 log.exception("serve: generation failed")
-                _fail([row.request for row in active.rows if not row.finished], exc)
+                rows = active.rows if active is not None else []
+                _fail([row.request for row in rows if not row.finished], exc)
+                for row in rows:
+                    self.scheduler.release(row.request)
                 active = None
+            self.metrics.kv_tokens.set(self.scheduler.kv_in_use)
 
-    def _take(self, block: bool, room: int) -> list[GenRequest]:
-        """Waiting requests for one prefill: up to `room`, within the prefill-logits budget. Blocking (nothing is
-        running) waits for a first request and then up to serve.batch_wait_ms for more."""
-        batch: list[GenRequest] = []
-        deadline = time.perf_counter() + self.cfg.serve.batch_wait_ms / 1000
-        while len(batch) < room:
-            if self.pending is not None:
-                request, self.pending = self.pending, None
-            else:
+    def _step(self, batch: Batch | None) -> Batch | None:
+        """One engine step (continuous batching): sample a token for every running row from the current logits, let
+        finished rows leave, decode one step for the others, then prefill this step's newcomers and let them join."""
+        model, step, rows = self.model, None, []
+        if batch is not None:
+            tokens = batch.step.logits.argmax(-1).astype(np.int64)  # greedy rows: one call for the batch
+            for i, row in enumerate(batch.rows):
+                if row.request.temperature != 0.0:
+                    tokens[i] = sample(batch.step.logits[i], row.request.temperature, row.request.top_p, row.rng)
+                row.add(int(tokens[i]))
+                if row.finished:
+                    self.scheduler.release(row.request)
+            keep = [i for i, row in enumerate(batch.rows) if not row.finished]
+            if keep:
+                step = batch.step if len(keep) == len(batch.rows) else model.select(batch.step, keep)
+                rows = [batch.rows[i] for i in keep]
+                step = model.decode(step, tokens[keep])
+        if not rows or self.cfg.serve.continuous_batching:
+            newcomers = self._admit(running=len(rows))
+            if newcomers is not None and step is None:
+                step, rows = newcomers.step, newcomers.rows
+            elif newcomers is not None:
                 try:
-                    if block and not batch:
-                        request = self.queue.get(timeout=0.1)
-                    elif block:
-                        request = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                    else:
-                        request = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            lengths = [r.prompt_tokens for r in [*batch, request]]
-            if batch and not prefill_fits(lengths, self.model.vocab_size, self.model.logits_all_positions):
-                self.pending = request
-                break
-            batch.append(request)
-        self.metrics.queue_depth.set(self.queue.qsize())
-        return batch
+                    step = model.merge(step, newcomers.step)
+                except Exception as exc:
+                    self._drop(newcomers.rows, exc)  # not in the running batch: the caller misses them
+                    raise
+                rows = rows + newcomers.rows
+                self.metrics.joins.inc(len(newcomers.rows))
+        self.metrics.decoding.set(len(rows))
+        return Batch(step, rows) if rows else None
 
-    def _admit(self, block: bool, room: int) -> Batch | None:
-        """Prefill waiting requests as a new batch (None when there are none, or their prefill failed)."""
-        requests = self._take(block, room) if room > 0 else []
+    def _admit(self, running: int) -> Batch | None:
+        """Prefill this step's newcomers as one left-padded batch (None when there are none, or it failed)."""
+        model = self.model
+        requests = self.scheduler.take(running, lambda lengths: prefill_fits(lengths, model.vocab_size, model.logits_all_positions))
+        self.metrics.queue_depth.set(self.scheduler.waiting())
         if not requests:
             return None
         self.metrics.batch_size.observe(len(requests))
+        rows = [Row(r, self.preprocessor) for r in requests]
         try:
-            inputs = pad_batch([r.encoded for r in requests], self.preprocessor.pad_token_id)
-            step = self.model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), inputs.get("pixel_attention_mask"))
+            features = self._image_features(requests)
+            inputs = pad_batch([Encoded(r.encoded.input_ids, r.encoded.attention_mask, None, None) for r in requests],
+                               self.preprocessor.pad_token_id)
+            step = model.prefill(inputs["input_ids"], inputs["attention_mask"], image_features=features)
         except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
             log.exception("serve: prefill failed")
-            _fail(requests, exc)
+            self._drop(rows, exc)
             return None
-        return Batch(step, [Row(r, self.preprocessor) for r in requests])
-
-    def _advance(self, batch: Batch) -> Batch | None:
-        """One token for every row (continuous batching): sample from the current logits, let finished rows
-        leave, decode one step, and let waiting requests join the running batch once they are prefilled."""
-        model = self.model
-        tokens = batch.step.logits.argmax(-1).astype(np.int64)  # greedy rows: one call for the batch
-        for i, row in enumerate(batch.rows):
-            if row.request.temperature != 0.0:
-                tokens[i] = sample(batch.step.logits[i], row.request.temperature, row.request.top_p, row.rng)
-            row.add(int(tokens[i]))
-        keep = [i for i, row in enumerate(batch.rows) if not row.finished]
-        if not keep:
-            self.metrics.decoding.set(0)
-            return self._admit(block=False, room=self.cfg.serve.max_batch_size)
-        step = batch.step if len(keep) == len(batch.rows) else model.select(batch.step, keep)
-        rows = [batch.rows[i] for i in keep]
-        step = model.decode(step, tokens[keep])
-        room = self.cfg.serve.max_batch_size - len(rows) if self.cfg.serve.continuous_batching else 0
-        newcomers = self._admit(block=False, room=room)
-        if newcomers is not None:
-            try:
-                step = model.merge(step, newcomers.step)
-            except Exception as exc:
-                _fail([row.request for row in newcomers.rows], exc)  # not in the running batch: the caller misses them
-                raise
-            rows = rows + newcomers.rows
-            self.metrics.joins.inc(len(newcomers.rows))
-        self.metrics.decoding.set(len(rows))
         return Batch(step, rows)
+
+    def _image_features(self, requests: list[GenRequest]) -> np.ndarray | None:
+        """The image features of these prompts, in order [tiles, tokens, hidden]: cached ones from the image cache,
+        the others from one vision-encoder call over all their tiles."""
+        parts = [part for r in requests for part in (r.images or self.image_parts(r.encoded))]
+        if not parts:
+            return None
+        found: dict[bytes, np.ndarray] = {}
+        missing: dict[bytes, np.ndarray] = {}
+        for key, tiles in parts:
+            if key in found or key in missing:
+                continue
+            cached = self.image_cache.get(key)
+            if cached is not None:
+                found[key] = cached
+            else:
+                missing[key] = tiles
+        self.metrics.image_cache_hits.inc(len(parts) - len(missing))
+        self.metrics.image_cache_misses.inc(len(missing))
+        if missing:
+            features = self.model.vision_features(*stack_tiles(list(missing.values())))
+            self.metrics.vision_calls.inc()
+            start = 0
+            for key, tiles in missing.items():
+                found[key] = features[start:start + tiles.shape[0]].copy()
+                self.image_cache.put(key, found[key])
+                start += tiles.shape[0]
+            self.metrics.image_cache_bytes.set(self.image_cache.bytes)
+        return np.concatenate([found[key] for key, _ in parts])
+
+    def _drop(self, rows: list[Row], exc: Exception) -> None:
+        _fail([row.request for row in rows], exc)
+        for row in rows:
+            self.scheduler.release(row.request)
 
     def _load(self) -> None:
         providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}.get(self.cfg.serve.provider)
@@ -211,6 +236,8 @@ class Engine:
         self.variant = resolve_variant(self.cfg.serve.variant, self.folder, providers)
         self.model = OnnxVLM(self.folder, self.variant, providers=providers, session_config=self.cfg.serve.ort_session_config)
         self.preprocessor.pixel_dtype = self.model.pixel_dtype  # what the vision graph declares: no cast per request
+        vision = graph_path(self.folder, "vision_encoder", self.variant).stat()
+        self.identity = f"{self.folder.resolve()}|{self.variant}|{vision.st_size}|{vision.st_mtime_ns}".encode()
         log.info("serve: loaded %s (%s) on %s in %.1f s", self.folder, self.variant, self.model.provider, time.perf_counter() - started)
         self.ready.set()
 

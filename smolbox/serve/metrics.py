@@ -1,5 +1,6 @@
 """The server's Prometheus metrics (GET /metrics): requests and errors, latency and time to first token, tokens,
-queue depth, batch sizes and joins. One registry per app, so two servers in one process never share counts."""
+queue depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image-cache hits and misses. One
+registry per app, so two servers in one process never share counts."""
 
 from __future__ import annotations
 
@@ -20,3 +21,8 @@ class Metrics:
         self.batch_size = Histogram("smolbox_batch_size", "Requests per prefill batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
         self.joins = Counter("smolbox_batch_joins_total", "Prefilled requests that joined a batch already decoding", registry=registry)
         self.decoding = Gauge("smolbox_decoding_rows", "Requests in the decoding batch", registry=registry)
+        self.kv_tokens = Gauge("smolbox_kv_tokens_reserved", "Prompt + max_tokens of the requests in flight (of serve.max_kv_tokens)", registry=registry)
+        self.vision_calls = Counter("smolbox_vision_encoder_calls_total", "Vision encoder runs (one per prefill batch with uncached images)", registry=registry)
+        self.image_cache_hits = Counter("smolbox_image_cache_hits_total", "Images whose vision features came from the image cache", registry=registry)
+        self.image_cache_misses = Counter("smolbox_image_cache_misses_total", "Images that went through the vision encoder", registry=registry)
+        self.image_cache_bytes = Gauge("smolbox_image_cache_bytes", "Bytes of vision features in the image cache", registry=registry)

@@ -315,6 +315,96 @@ def test_full_queue_gets_429_then_sigterm_drains_in_flight_requests(folder):
         server.stop()
 
 
+def metric(server, name) -> float:
+    """A counter's or gauge's value from /metrics (0 when it has no sample yet)."""
+    lines = get(server.url + "/metrics")[1].splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.split(" ")[0] == name), 0.0)
+
+
+def test_a_repeated_image_skips_the_vision_encoder_and_gets_the_same_answer(server):
+    body = chat("What is in this picture?", png((123, 45, 67), (52, 44)), max_tokens=8)
+    calls, hits, misses = (metric(server, f"smolbox_{n}") for n in ("vision_encoder_calls_total", "image_cache_hits_total", "image_cache_misses_total"))
+    first = json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"]
+    assert metric(server, "smolbox_vision_encoder_calls_total") == calls + 1
+    assert metric(server, "smolbox_image_cache_misses_total") == misses + 1
+    second = json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"]
+    assert second == first
+    assert metric(server, "smolbox_vision_encoder_calls_total") == calls + 1, "the repeated image was encoded again"
+    assert metric(server, "smolbox_image_cache_hits_total") == hits + 1
+    assert metric(server, "smolbox_image_cache_bytes") > 0
+
+
+def test_images_of_waiting_requests_go_through_the_vision_encoder_together(folder):
+    """With the image cache off, eight image requests arriving together are encoded in fewer vision-encoder calls
+    than images, and each gets the answer it gets alone (one image, one call)."""
+    server = Server(folder, max_batch_size=8, batch_wait_ms=50, image_cache_mb=0)
+    try:
+        bodies = [chat(f"Picture {i}?", png((25 * i, 200 - 20 * i, 90), (36 + 5 * i, 44)), max_tokens=6) for i in range(8)]
+        alone = [json.loads(post(server.url, b, key=None)[1])["choices"][0]["message"]["content"] for b in bodies]
+        calls = metric(server, "smolbox_vision_encoder_calls_total")
+        assert calls == 8 and metric(server, "smolbox_image_cache_hits_total") == 0
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda b: post(server.url, b, key=None), bodies))
+        assert [json.loads(b)["choices"][0]["message"]["content"] for _, b in together] == alone
+        assert metric(server, "smolbox_image_cache_misses_total") == 16
+        assert metric(server, "smolbox_vision_encoder_calls_total") - calls < 8, "every image was encoded on its own"
+    finally:
+        server.stop()
+
+
+def test_newcomers_prefill_one_budget_a_step_and_still_get_their_answers(folder):
+    """serve.max_prefill_tokens_per_step below one prompt: every newcomer is prefilled in a step of its own (a
+    lone request always runs), between decode steps of the rows already running, and joins them; answers are
+    those each request gets alone."""
+    server = Server(folder, max_batch_size=8, batch_wait_ms=20, max_prefill_tokens_per_step=1)
+    try:
+        bodies = [chat(f"Tell me about picture {i}.", png((60 * i, 20, 90), (28 + 6 * i, 40)), max_tokens=150 if i == 0 else 8 + 4 * i)
+                  for i in range(5)]
+        alone = [json.loads(post(server.url, b, key=None)[1])["choices"][0]["message"]["content"] for b in bodies]
+        batches, joins = metric(server, "smolbox_batch_size_count"), metric(server, "smolbox_batch_joins_total")
+
+        def staggered(i):
+            time.sleep(0.05 if i else 0)  # the others arrive together while the first decodes
+            return post(server.url, bodies[i], key=None)
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            together = list(pool.map(staggered, range(5)))
+        assert [json.loads(b)["choices"][0]["message"]["content"] for _, b in together] == alone
+        assert metric(server, "smolbox_batch_size_count") - batches == 5, "newcomers were prefilled together"
+        assert metric(server, "smolbox_batch_size_sum") == metric(server, "smolbox_batch_size_count")
+        assert metric(server, "smolbox_batch_joins_total") - joins >= 3, "newcomers did not join the running row"
+    finally:
+        server.stop()
+
+
+def test_kv_capacity_queues_then_429s_and_a_request_over_it_gets_400(server, folder):
+    """serve.max_kv_tokens room for one request: a second waits in the queue (never two in flight), a third finds
+    the queue (serve.max_queue=1) full and gets 429; a request that could never fit gets 400 naming the param."""
+    body = chat("A long answer, please.", png((7, 77, 177)), max_tokens=60)
+    prompt_tokens = json.loads(post(server.url, body)[1])["usage"]["prompt_tokens"]
+    capacity = prompt_tokens + 60
+    small = Server(folder, max_batch_size=8, batch_wait_ms=0, max_queue=1, max_kv_tokens=capacity)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: post(small.url, body, key=None), range(8)))
+        statuses = [s for s, _ in results]
+        assert statuses.count(200) >= 2 and 429 in statuses, statuses
+        assert json.loads(next(b for s, b in results if s == 429))["error"]["type"] == "rate_limit_error"
+        assert len({json.loads(b)["choices"][0]["message"]["content"] for s, b in results if s == 200}) == 1
+        assert metric(small, "smolbox_batch_joins_total") == 0, "two requests were in flight together"
+        assert metric(small, "smolbox_batch_size_sum") == metric(small, "smolbox_batch_size_count")
+        assert metric(small, "smolbox_kv_tokens_reserved") == 0
+
+        status, text = post(small.url, {**body, "max_tokens": 61}, key=None)
+        error = json.loads(text)["error"]
+        assert status == 400 and error["param"] == "max_tokens" and error["code"] == "context_length_exceeded", text
+        status, text = post(small.url, chat("word " * capacity, None, max_tokens=1), key=None)
+        assert status == 400 and json.loads(text)["error"]["param"] == "messages", text
+        assert post(small.url, body, key=None)[0] == 200
+    finally:
+        small.stop()
+
+
 def exchange(url, body=None, headers=None, path="/v1/chat/completions"):
     """(status, headers, body text) of one request; a body makes it a POST."""
     data = None if body is None else json.dumps(body).encode()

@@ -1,0 +1,162 @@
+"""Who starts in each engine step, and the vision features that repeated images reuse.
+
+The engine (smolbox.serve.engine) runs in steps: one decode step for the running rows, then the prefill of the
+newcomers this module picks. `Scheduler` holds the waiting requests in arrival order and the KV tokens the running
+ones reserved; `plan` is its rule: newcomers fill the room left in the batch in arrival order, within
+serve.max_prefill_tokens_per_step of prompt tokens (so the running rows get a decode step between newcomers'
+prefills; a first newcomer over it runs alone in its step) and within serve.max_kv_tokens of prompt + max_tokens
+over every request in flight (the first one that does not fit waits, and so do those behind it: no overtaking).
+
+`image_parts` turns a request's pixels into one (key, tiles) pair per image in the request's worker thread; the
+engine encodes the images that `ImageCache` lacks, of every newcomer, in one vision-encoder call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..config import ServeConfig
+from ..preprocess import Encoded
+
+if TYPE_CHECKING:
+    from .engine import GenRequest
+
+
+class QueueFull(Exception):
+    pass
+
+
+def kv_tokens(request: GenRequest) -> int:
+    """What a request may hold in the KV cache: its prompt and every token it may generate."""
+    return request.prompt_tokens + request.max_tokens
+
+
+def plan(waiting: list[tuple[int, int]], running: int, kv_in_use: int, limits: ServeConfig,
+         fits: Callable[[list[int]], bool] = lambda lengths: True) -> int:
+    """How many of the waiting requests, (prompt tokens, KV tokens) each in arrival order, start in this step.
+    `running` rows hold `kv_in_use` KV tokens; `fits(prompt lengths)` says whether those prompts may prefill as one
+    batch (smolbox.serve.engine.prefill_fits). Without continuous batching newcomers cannot join later, so a new
+    batch fills up without a prefill budget."""
+    budget = limits.max_prefill_tokens_per_step if limits.continuous_batching else float("inf")
+    count, prompt = 0, 0
+    for prompt_tokens, kv in waiting:
+        if running + count >= limits.max_batch_size or kv_in_use + kv > limits.max_kv_tokens:
+            break
+        lengths = [p for p, _ in waiting[: count + 1]]
+        if count and (prompt + prompt_tokens > budget or not fits(lengths)):
+            break
+        count, prompt, kv_in_use = count + 1, prompt + prompt_tokens, kv_in_use + kv
+    return count
+
+
+class Scheduler:
+    """The waiting requests (bounded by serve.max_queue) and the KV tokens reserved by the ones in flight.
+    submit() runs on the server's threads, the rest on the engine's."""
+
+    def __init__(self, limits: ServeConfig):
+        self.limits = limits
+        self._waiting: deque[GenRequest] = deque()
+        self._ready = threading.Condition()
+        self._reserved: dict[int, int] = {}  # id(request) -> KV tokens, for the requests in flight
+        self.kv_in_use = 0
+
+    def submit(self, request: GenRequest) -> None:
+        with self._ready:
+            if len(self._waiting) >= self.limits.max_queue:
+                raise QueueFull()
+            self._waiting.append(request)
+            self._ready.notify()
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def wait(self, count: int, timeout: float) -> bool:
+        """Wait until `count` requests wait (or `timeout` seconds pass); whether any does."""
+        with self._ready:
+            self._ready.wait_for(lambda: len(self._waiting) >= count, timeout)
+            return bool(self._waiting)
+
+    def take(self, running: int, fits: Callable[[list[int]], bool]) -> list[GenRequest]:
+        """The newcomers of this step (see `plan`), their KV tokens reserved until release()."""
+        with self._ready:
+            waiting = [(r.prompt_tokens, kv_tokens(r)) for r in self._waiting]
+            count = plan(waiting, running, self.kv_in_use, self.limits, fits)
+            taken = [self._waiting.popleft() for _ in range(count)]
+        for request in taken:
+            self._reserved[id(request)] = kv_tokens(request)
+            self.kv_in_use += kv_tokens(request)
+        return taken
+
+    def release(self, request: GenRequest) -> None:
+        """A request left the batch (finished or failed); releasing it twice changes nothing."""
+        self.kv_in_use -= self._reserved.pop(id(request), 0)
+
+
+# ---- vision features ------------------------------------------------------------------------------------------
+
+
+def image_parts(encoded: Encoded, identity: bytes) -> list[tuple[bytes, np.ndarray]]:
+    """(key, tiles [n, 3, h, w]) for each image of a request, its tiles cut out of the request's zero padding. The
+    key is a blake2b hash of the export's identity and the preprocessed pixels, so an image sent again (a later turn
+    of a chat, a retry), in any request, has the same key."""
+    if encoded.pixel_values is None:
+        return []
+    pixels, masks, parts, start = encoded.pixel_values[0], encoded.pixel_attention_mask[0], [], 0
+    for count in encoded.image_tiles:
+        mask = masks[start]
+        height, width = int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum())
+        tiles = np.ascontiguousarray(pixels[start:start + count, :, :height, :width])
+        digest = hashlib.blake2b(identity, digest_size=16)
+        digest.update(f"{tiles.shape}{tiles.dtype}".encode())
+        digest.update(tiles)  # hashlib releases the GIL for large buffers: no stall of the event loop
+        parts.append((digest.digest(), tiles))
+        start += count
+    return parts
+
+
+def stack_tiles(tiles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles of several images ([n, 3, h, w] each) as one vision-encoder input [1, N, 3, H, W], each zero-padded to
+    the largest height and width, and the mask of its real pixels [1, N, H, W]."""
+    count = sum(t.shape[0] for t in tiles)
+    height, width = max(t.shape[2] for t in tiles), max(t.shape[3] for t in tiles)
+    pixel_values = np.zeros((1, count, tiles[0].shape[1], height, width), dtype=tiles[0].dtype)
+    mask = np.zeros((1, count, height, width), dtype=bool)
+    start = 0
+    for t in tiles:
+        n, _, h, w = t.shape
+        pixel_values[0, start:start + n, :, :h, :w] = t
+        mask[0, start:start + n, :h, :w] = True
+        start += n
+    return pixel_values, mask
+
+
+class ImageCache:
+    """Vision features by image key, least recently used first out, within `max_bytes` (0 = keeps nothing)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        features = self._items.get(key)
+        if features is not None:
+            self._items.move_to_end(key)
+        return features
+
+    def put(self, key: bytes, features: np.ndarray) -> None:
+        if features.nbytes > self.max_bytes or key in self._items:
+            return
+        self._items[key] = features
+        self.bytes += features.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
