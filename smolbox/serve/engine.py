@@ -23,6 +23,7 @@ from ..config import Config
 from ..onnx_layout import available_variants
 from ..preprocess import Encoded, Preprocessor, pad_batch
 from ..runtime import OnnxVLM, Step, default_providers
+from .kv_decoder import load_runtime
 from .metrics import Metrics
 
 log = logging.getLogger("smolbox.serve")
@@ -130,6 +131,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
                 log.exception("serve: generation failed")
                 _fail([row.request for row in active.rows if not row.finished], exc)
+                self.model.release(active.step)
                 active = None
 
     def _take(self, block: bool, room: int) -> list[GenRequest]:
@@ -184,6 +186,7 @@ class Engine:
             row.add(int(tokens[i]))
         keep = [i for i, row in enumerate(batch.rows) if not row.finished]
         if not keep:
+            model.release(batch.step)
             self.metrics.decoding.set(0)
             return self._admit(block=False, room=self.cfg.serve.max_batch_size)
         step = batch.step if len(keep) == len(batch.rows) else model.select(batch.step, keep)
@@ -209,7 +212,7 @@ class Engine:
         started = time.perf_counter()
         self.preprocessor = Preprocessor(self.folder)
         self.variant = resolve_variant(self.cfg.serve.variant, self.folder, providers)
-        self.model = OnnxVLM(self.folder, self.variant, providers=providers, session_config=self.cfg.serve.ort_session_config)
+        self.model = load_runtime(self.folder, self.variant, self.cfg.serve, providers)  # slot (GQA) decoder when it derives
         self.preprocessor.pixel_dtype = self.model.pixel_dtype  # what the vision graph declares: no cast per request
         log.info("serve: loaded %s (%s) on %s in %.1f s", self.folder, self.variant, self.model.provider, time.perf_counter() - started)
         self.ready.set()

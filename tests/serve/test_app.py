@@ -358,6 +358,7 @@ def test_json_request_log_and_request_ids(folder):
     lines = [line for line in output.splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line the server printed is one JSON object
     assert any(r["logger"].startswith("uvicorn") for r in records) and any(r["logger"] == "smolbox.serve" for r in records)
+    assert any("KV slots" in r.get("message", "") for r in records if r["logger"] == "smolbox.serve")  # the slot decoder served
     access = {r["request_id"]: r for r in records if r["logger"] == "smolbox.serve.access"}
     first = access["gateway-42"]
     assert (first["method"], first["path"], first["status"]) == ("POST", "/v1/chat/completions", 200)
