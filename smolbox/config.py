@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _PACKAGE = Path(__file__).resolve().parent
 # The shipped configs: package data inside an installed wheel (pyproject.toml maps configs/ there), else the
@@ -195,6 +195,14 @@ class ServeConfig(_Section):
     log_format: Literal["text", "json"] = Field(
         "text", description="text = log lines for people; json = one JSON object per line, with one per request "
                             "(method, path, status, latency, tokens, request id; never the prompt or image)")
+
+    @model_validator(mode="after")
+    def _slots_hold_every_request(self):
+        # A row's slot must hold its prompt and its answer: the API admits up to these two limits.
+        if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < self.max_prompt_tokens + self.max_tokens_limit:
+            raise ValueError(f"kv_capacity_tokens ({self.kv_capacity_tokens}) is below max_prompt_tokens + max_tokens_limit "
+                             f"({self.max_prompt_tokens} + {self.max_tokens_limit}): lower those limits too, or leave it null")
+        return self
 
 
 class Config(_Section):

@@ -368,7 +368,8 @@ def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
             capacity = serve.kv_capacity_tokens or serve.max_prompt_tokens + serve.max_tokens_limit
             model = SlotVLM(folder, variant, derived, serve.max_batch_size, capacity, providers,
                             serve.ort_session_config, cuda_graph=serve.cuda_graph)
-            log.info("serve: decoder with %d KV slots of %d tokens (GroupQueryAttention)%s", model.slots, model.capacity,
+            log.info("serve: decoder with %d KV slots of %d tokens (GroupQueryAttention, %.2f GiB of cache)%s", model.slots,
+                     model.capacity, model.slot_bytes * model.slots * len(model.cache_names) / 2**30,
                      ", decode step as a CUDA graph" if model.cuda_graph else "")
             return model
     return OnnxVLM(folder, variant, providers=providers, session_config=serve.ort_session_config)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from smolbox.config import load_config
+from smolbox.config import ConfigError, load_config
 from smolbox.onnx_layout import graph_path
 from smolbox.runtime import OnnxVLM
 from smolbox.serve.kv_decoder import NotDerivable, SlotVLM, derive, load_runtime
@@ -32,7 +32,7 @@ def pair(processor):
 
 
 def serve_config(folder, **serve):
-    overrides = {"serve.model": str(folder), "serve.max_batch_size": 3, "serve.kv_capacity_tokens": 2048,
+    overrides = {"serve.model": str(folder), "serve.max_batch_size": 3,
                  **{f"serve.{k}": v for k, v in serve.items()}}
     return load_config("tiny", overrides=overrides, env={}, dotenv=None).serve
 
@@ -40,6 +40,7 @@ def serve_config(folder, **serve):
 def slots(folder, variant):
     model = load_runtime(folder, variant, serve_config(folder), CPU)
     assert isinstance(model, SlotVLM) and not model.cuda_graph
+    assert model.capacity == 2048  # max_prompt_tokens + max_tokens_limit, within the rotary tables' 2048 positions
     return model
 
 
@@ -124,6 +125,9 @@ def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant):
     assert model.free == {0, 1, 2}
 
 
-def test_the_published_decoder_when_kv_slots_are_off(random_export):
+def test_the_published_decoder_when_kv_slots_are_off_and_slots_that_hold_every_request(random_export):
     model = load_runtime(random_export, "fp32", serve_config(random_export, kv_slots=False), CPU)
     assert type(model) is OnnxVLM
+    with pytest.raises(ConfigError, match="kv_capacity_tokens"):
+        serve_config(random_export, kv_capacity_tokens=1000, max_prompt_tokens=1000, max_tokens_limit=10)
+    assert serve_config(random_export, kv_capacity_tokens=1010, max_prompt_tokens=1000, max_tokens_limit=10).kv_capacity_tokens == 1010
