@@ -224,7 +224,7 @@ class SlotVLM(OnnxVLM):
             binding.bind_input(name, device, 0, self.cache_dtype, shape, pointer)
             binding.bind_output(name.replace(PAST, PRESENT), device, 0, self.cache_dtype, shape, pointer)
 
-    def _run_decoder(self, embeds, seqlens: np.ndarray, first: int, graph_run: bool = False) -> np.ndarray:
+    def _run_decoder(self, embeds, seqlens: np.ndarray, first: int) -> np.ndarray:
         import onnxruntime as ort
 
         session = self.sessions["decoder_model_merged"]
@@ -314,15 +314,14 @@ class SlotVLM(OnnxVLM):
     # ---- CUDA graph ----
 
     def _graph_step(self, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
-        """The decode step as a CUDA graph: token ids and lengths are copied into fixed buffers, the embeddings are
-        written into the decoder's fixed input buffer, and the captured graph replays (onnxruntime captures it after
-        its warm-up runs of graph id 1)."""
+        """The decode step as a CUDA graph: token ids and lengths are copied into fixed device buffers, the embeddings
+        are written into the decoder's fixed input buffer, and the captured graph replays (onnxruntime captures graph
+        id 1 after its warm-up runs; prefill runs with id -1, never captured)."""
         g = self._graph
         if g is None:
             g = self._graph = self._make_graph_binding()
         g["ids"].update_inplace(ids[:, None])
         g["seqlens"].update_inplace(seqlens)
-        g["total"].update_inplace(np.array(seqlens.max() + 1, np.int32))
         self.sessions["embed_tokens"].run_with_iobinding(g["embed_binding"])
         self.sessions["decoder_model_merged"].run_with_iobinding(g["binding"], g["options"])
         return g["logits"].numpy()[:, -1]
@@ -330,17 +329,20 @@ class SlotVLM(OnnxVLM):
     def _make_graph_binding(self) -> dict:
         import onnxruntime as ort
 
-        n, decoder, embed = self.slots, self.sessions["decoder_model_merged"], self.sessions["embed_tokens"]
+        # self.device: "cuda"; "cpu" when a test runs this path on the CPU provider (fixed buffers, no graph)
+        n, device, decoder, embed = self.slots, self.device, self.sessions["decoder_model_merged"], self.sessions["embed_tokens"]
         embeds_dtype = self.input_types["decoder_model_merged"]["inputs_embeds"]
         hidden = decoder.get_inputs()[0].shape[-1]
         embed_out = embed.get_outputs()[0]
         if ORT_TO_NUMPY[embed_out.type] != embeds_dtype:
             raise RuntimeError(f"embed_tokens returns {embed_out.type}, the decoder takes {embeds_dtype}")
-        g = {"ids": ort.OrtValue.ortvalue_from_shape_and_type((n, 1), np.int64, "cuda", 0),
-             "embeds": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, hidden), embeds_dtype, "cuda", 0),
-             "seqlens": ort.OrtValue.ortvalue_from_shape_and_type((n,), np.int32, "cuda", 0),
-             "total": ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int32)),  # GroupQueryAttention reads it on the host
-             "logits": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, self.vocab_size), np.float32, "cuda", 0)}
+        g = {"ids": ort.OrtValue.ortvalue_from_shape_and_type((n, 1), np.int64, device, 0),
+             "embeds": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, hidden), embeds_dtype, device, 0),
+             "seqlens": ort.OrtValue.ortvalue_from_shape_and_type((n,), np.int32, device, 0),
+             # GroupQueryAttention reads total_sequence_length on the host, so a replay keeps the captured value: the
+             # capacity, which is right for every step (the rows' lengths come from seqlens_k; docs/notes.md).
+             "total": ort.OrtValue.ortvalue_from_numpy(np.array(self.capacity, np.int32)),
+             "logits": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, self.vocab_size), np.float32, device, 0)}
         g["embed_binding"] = embed.io_binding()
         g["embed_binding"].bind_ortvalue_input("input_ids", g["ids"])
         g["embed_binding"].bind_ortvalue_output(embed_out.name, g["embeds"])

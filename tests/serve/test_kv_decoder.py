@@ -91,15 +91,21 @@ def test_rows_of_different_lengths_decode_together(random_export, pair, variant)
         assert tokens.tolist() == out[:, pair["input_ids"].shape[1]:].numpy().tolist()
 
 
-@pytest.mark.parametrize("variant", ["fp32", "q4"])
-def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant):
+@pytest.mark.parametrize("variant,graph_path", [("fp32", False), ("q4", False), ("fp32", True)])
+def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, graph_path):
     """Request A decodes alone; B (a different, shorter prompt) is prefilled into a free slot while A is mid-generation
     and joins; A leaves early and its slot is reused by C, a copy of A, which joins B. Every request's tokens
-    equal those it gets alone, and the slots come back free."""
+    equal those it gets alone, and the slots come back free. graph_path runs, on the CPU, the decode step the CUDA
+    graph replays: every slot every step, fixed input/output buffers (embeddings written into the decoder's input
+    buffer, lengths copied in place), total_sequence_length fixed at the capacity."""
     model = slots(random_export, variant)
+    alone_model = model
+    if graph_path:
+        model = slots(random_export, variant)
+        model.cuda_graph = True
     a = {k: v[:1] for k, v in pair.items()}  # row 0 of the pair (its padding and padding image included)
     b = {k: v[1:] for k, v in pair.items()}
-    alone = {"a": greedy(model, a)[0].tolist(), "b": greedy(model, b)[0].tolist()}
+    alone = {"a": greedy(alone_model, a)[0].tolist(), "b": greedy(alone_model, b)[0].tolist()}
     produced = {"a": [], "b": [], "c": []}
     leave_after = {"a": 7, "b": STEPS, "c": STEPS}
     step, owners = model.prefill(a["input_ids"], a["attention_mask"], a["pixel_values"], a["pixel_attention_mask"]), ["a"]
@@ -122,6 +128,7 @@ def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant):
                 step, owners = model.merge(step, joined), owners + [name]
     model.release(step)
     assert produced == {"a": alone["a"][:7], "b": alone["b"], "c": alone["a"]}
+    assert (model._graph is not None) == graph_path
     assert model.free == {0, 1, 2}
 
 
