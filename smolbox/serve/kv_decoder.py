@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import ORT_TO_NUMPY, PAST, PRESENT, graph_path
-from ..runtime import CUDA_OPTIONS, OnnxVLM
+from ..runtime import CUDA_OPTIONS, OnnxVLM, default_providers
 
 log = logging.getLogger("smolbox.serve")
 
@@ -54,6 +54,7 @@ class Derived:
     heads: int
     head_dim: int
     positions: int  # rows of the rotary tables: no slot may hold more tokens
+    half: bool  # fp16 activations and caches (fp16, q4f16)
 
 
 def derive(model: onnx.ModelProto) -> Derived:
@@ -130,7 +131,8 @@ def derive(model: onnx.ModelProto) -> Derived:
     value_info = [v for v in graph.value_info if v.name in produced and not v.name.startswith(PRESENT)]
     del graph.value_info[:]
     graph.value_info.extend(value_info)
-    return Derived(model, len(attention), heads, head_dim, positions)
+    half = next(iter(past_types.values())).elem_type == TensorProto.FLOAT16
+    return Derived(model, len(attention), heads, head_dim, positions, half)
 
 
 def _attrs(node) -> dict:
@@ -367,6 +369,11 @@ def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
         except NotDerivable as exc:
             log.info("serve: %s keeps the published decoder (no KV slots): %s", path.name, exc)
         else:
+            if "CUDAExecutionProvider" in (providers or default_providers()) and not derived.half:
+                # onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only (docs/notes.md): an fp32 one would run on
+                # the CPU, the whole cache copied there and back every step.
+                log.info("serve: %s keeps the published decoder (no KV slots): fp32 caches on CUDA", path.name)
+                return OnnxVLM(folder, variant, providers=providers, session_config=serve.ort_session_config)
             capacity = serve.kv_capacity_tokens or serve.max_prompt_tokens + serve.max_tokens_limit
             model = SlotVLM(folder, variant, derived, serve.max_batch_size, capacity, providers,
                             serve.ort_session_config, cuda_graph=serve.cuda_graph)

@@ -135,6 +135,9 @@ def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, 
 def test_the_published_decoder_when_kv_slots_are_off_and_slots_that_hold_every_request(random_export):
     model = load_runtime(random_export, "fp32", serve_config(random_export, kv_slots=False), CPU)
     assert type(model) is OnnxVLM
+    # fp32 caches asked on CUDA (onnxruntime falls back to the CPU here): CUDA's GroupQueryAttention is fp16 only
+    model = load_runtime(random_export, "fp32", serve_config(random_export), ["CUDAExecutionProvider", *CPU])
+    assert type(model) is OnnxVLM
     with pytest.raises(ConfigError, match="kv_capacity_tokens"):
         serve_config(random_export, kv_capacity_tokens=1000, max_prompt_tokens=1000, max_tokens_limit=10)
     assert serve_config(random_export, kv_capacity_tokens=1010, max_prompt_tokens=1000, max_tokens_limit=10).kv_capacity_tokens == 1010
