@@ -93,7 +93,8 @@ def derive(model: onnx.ModelProto) -> Derived:
             raise NotDerivable(f"{node.name}: rotary tables and KV cache differ in dtype")
         num_heads = _attrs(node)["num_heads"]
         dim = cache.shape.dim[3].dim_value
-        sizes = numpy_helper.to_array(initializers[split.input[1]]).tolist() if len(split.input) > 1 and split.input[1] in initializers else None
+        sizes_name = split.input[1] if len(split.input) > 1 else ""
+        sizes = numpy_helper.to_array(initializers[sizes_name]).tolist() if sizes_name in initializers else None
         if sizes != [num_heads * dim] * 3 or cache.shape.dim[1].dim_value != num_heads:
             raise NotDerivable(f"{node.name}: q, k, v are not {num_heads} heads of {dim} each")
         heads, head_dim = num_heads, dim
@@ -162,9 +163,10 @@ class SlotStep:
 
 class SlotVLM(OnnxVLM):
     """OnnxVLM with the derived decoder: `slots` rows of at most `capacity` tokens each. The engine-facing methods
-    keep OnnxVLM's names and meaning (prefill, decode, select, merge, release; generate is OnnxVLM's), so the engine calls the
-    same methods whichever runtime is loaded; here prefill takes free slots, select and release free them, merge
-    only joins lists."""
+    keep OnnxVLM's names and meaning (prefill, decode, select, merge, release; generate is OnnxVLM's), so the engine
+    calls the same methods whichever runtime is loaded; here prefill takes free slots, select and release free
+    them, merge only joins lists. On the CPU the buffers are zeroed numpy arrays (pages are only backed once
+    written); on CUDA zeroed device memory, all of it allocated at load."""
 
     def __init__(self, folder, variant: str, derived: Derived, slots: int, capacity: int, providers=None,
                  session_config: dict[str, str] | None = None, cuda_graph: bool = True):
