@@ -132,6 +132,7 @@ def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, 
     assert model.free == {0, 1, 2}
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
 def test_the_published_decoder_when_kv_slots_are_off_and_slots_that_hold_every_request(random_export):
     model = load_runtime(random_export, "fp32", serve_config(random_export, kv_slots=False), CPU)
     assert type(model) is OnnxVLM
