@@ -336,7 +336,7 @@ class SlotVLM(OnnxVLM):
         # self.device: "cuda"; "cpu" when a test runs this path on the CPU provider (fixed buffers, no graph)
         n, device, decoder, embed = self.slots, self.device, self.sessions["decoder_model_merged"], self.sessions["embed_tokens"]
         embeds_dtype = self.input_types["decoder_model_merged"]["inputs_embeds"]
-        hidden = decoder.get_inputs()[0].shape[-1]
+        hidden = next(i for i in decoder.get_inputs() if i.name == "inputs_embeds").shape[-1]
         embed_out = embed.get_outputs()[0]
         if ORT_TO_NUMPY[embed_out.type] != embeds_dtype:
             raise RuntimeError(f"embed_tokens returns {embed_out.type}, the decoder takes {embeds_dtype}")
