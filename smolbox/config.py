@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _PACKAGE = Path(__file__).resolve().parent
 # The shipped configs: package data inside an installed wheel (pyproject.toml maps configs/ there), else the
@@ -170,6 +170,9 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(8, gt=0, description="Requests generated together in one batch")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to fill a batch")
     continuous_batching: bool = Field(True, description="Waiting requests join the running batch after their prefill; false = a batch runs until its last row finishes")
+    kv_slots: bool = Field(True, description="Decode with the server's derived GroupQueryAttention decoder: one fixed KV buffer per layer, a slot per row (max_batch_size slots), no cache copies when rows join or leave; false, or a decoder that cannot be derived (traced), = the published decoder as it is")
+    kv_capacity_tokens: int | None = Field(None, gt=1, description="Tokens one KV slot holds (prompt + answer); null = max_prompt_tokens + max_tokens_limit. Memory: slots x capacity x layers x 2 x hidden x bytes per value")
+    cuda_graph: bool = Field(True, description="With kv_slots on the CUDA provider, replay the decode step as a CUDA graph (fixed shapes: all slots every step); ignored on the CPU")
     ort_session_config: dict[str, str] = Field(
         default_factory=dict, description="Extra onnxruntime session config entries for every graph (ep.cuda.* ones are ignored on the CPU)")
 
@@ -202,6 +205,14 @@ class ServeConfig(_Section):
     log_format: Literal["text", "json"] = Field(
         "text", description="text = log lines for people; json = one JSON object per line, with one per request "
                             "(method, path, status, latency, tokens, request id; never the prompt or image)")
+
+    @model_validator(mode="after")
+    def _slots_hold_every_request(self):
+        # A row's slot must hold its prompt and its answer: the API admits up to these two limits.
+        if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < self.max_prompt_tokens + self.max_tokens_limit:
+            raise ValueError(f"kv_capacity_tokens ({self.kv_capacity_tokens}) is below max_prompt_tokens + max_tokens_limit "
+                             f"({self.max_prompt_tokens} + {self.max_tokens_limit}): lower those limits too, or leave it null")
+        return self
 
 
 class Config(_Section):

@@ -23,7 +23,7 @@ PAST, PRESENT = "past_key_values.", "present."  # the decoder's KV-cache inputs 
 
 # dtypes: numpy <-> onnx element types, and onnxruntime's input type strings -> numpy
 ONNX_FLOAT = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
-ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def graph_path(folder: Path, graph: str, variant: str) -> Path:

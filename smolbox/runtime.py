@@ -77,8 +77,7 @@ class OnnxVLM:
             options.add_session_config_entry(key, str(value))
         self.providers = providers or default_providers()
         self.sessions = {
-            g: ort.InferenceSession(str(graph_path(self.folder, g, variant)), options,
-                                    providers=[_with_cuda_options(p) for p in self.providers] if g == "decoder_model_merged" else self.providers)
+            g: self._session(g, options, [_with_cuda_options(p) for p in self.providers] if g == "decoder_model_merged" else self.providers)
             for g in GRAPHS
         }
         decoder = self.sessions["decoder_model_merged"]
@@ -98,6 +97,12 @@ class OnnxVLM:
         self.bind_io = self.on_cuda
         self.device = "cuda" if self.on_cuda else "cpu"
         self.prefill_multiple = 16 if self.on_cuda else 1  # see prefill()
+
+    def _session(self, graph: str, options, providers):
+        """The session of one graph (smolbox.serve.kv_decoder derives its own decoder here)."""
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(graph_path(self.folder, graph, self.variant)), options, providers=providers)
 
     def _read_json(self, name: str) -> dict:
         path = self.folder / name
@@ -209,6 +214,13 @@ class OnnxVLM:
         past = {name: self._helper_op("select", {"x": value, **feeds}) for name, value in step.past.items()}
         return Step(step.logits[rows], past, mask[:, trim:])
 
+    def release(self, step: Step) -> None:
+        """The rows of `step` are done (finished, or their batch failed). Nothing to free here: the cache lives in the
+        step; the slot runtime (smolbox.serve.kv_decoder) frees their slots."""
+
+    def release_all(self) -> None:
+        """No row runs any more (after a failed step): everything held for rows is free again."""
+
     def merge(self, a: Step, b: Step) -> Step:
         """One batch from two: the shorter cache is left-padded (its padding columns are masked out, positions come
         from the mask) and the rows are stacked."""
@@ -269,13 +281,16 @@ class OnnxVLM:
         batch = input_ids.shape[0]
         done = np.zeros(batch, dtype=bool)
         generated = []
-        for i in range(max_new_tokens):
-            tokens = np.where(done, self.pad_token_id, step.logits.argmax(-1)).astype(np.int64)
-            generated.append(tokens)
-            done |= np.isin(tokens, list(self.eos_token_ids))
-            if done.all() or i == max_new_tokens - 1:
-                break
-            step = self.decode(step, tokens)
+        try:
+            for i in range(max_new_tokens):
+                tokens = np.where(done, self.pad_token_id, step.logits.argmax(-1)).astype(np.int64)
+                generated.append(tokens)
+                done |= np.isin(tokens, list(self.eos_token_ids))
+                if done.all() or i == max_new_tokens - 1:
+                    break
+                step = self.decode(step, tokens)
+        finally:
+            self.release(step)
         return np.stack(generated, axis=1)
 
 

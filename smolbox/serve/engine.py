@@ -24,6 +24,7 @@ from ..config import Config
 from ..onnx_layout import available_variants, graph_path
 from ..preprocess import Encoded, Preprocessor, pad_batch
 from ..runtime import OnnxVLM, Step, default_providers
+from .kv_decoder import load_runtime
 from .metrics import Metrics
 from .scheduler import ImageCache, Scheduler, image_parts, stack_tiles
 
@@ -138,6 +139,7 @@ class Engine:
                 _fail([row.request for row in rows if not row.finished], exc)
                 for row in rows:
                     self.scheduler.release(row.request)
+                self.model.release_all()  # nothing runs now: every KV slot is free again
                 active = None
             self.metrics.kv_tokens.set(self.scheduler.kv_in_use)
 
@@ -154,7 +156,9 @@ class Engine:
                 if row.finished:
                     self.scheduler.release(row.request)
             keep = [i for i, row in enumerate(batch.rows) if not row.finished]
-            if keep:
+            if not keep:
+                model.release(batch.step)  # every row finished: their KV slots are free for this step's newcomers
+            else:
                 step = batch.step if len(keep) == len(batch.rows) else model.select(batch.step, keep)
                 rows = [batch.rows[i] for i in keep]
                 step = model.decode(step, tokens[keep])
@@ -234,7 +238,7 @@ class Engine:
         started = time.perf_counter()
         self.preprocessor = Preprocessor(self.folder)
         self.variant = resolve_variant(self.cfg.serve.variant, self.folder, providers)
-        self.model = OnnxVLM(self.folder, self.variant, providers=providers, session_config=self.cfg.serve.ort_session_config)
+        self.model = load_runtime(self.folder, self.variant, self.cfg.serve, providers)  # slot (GQA) decoder when it derives
         self.preprocessor.pixel_dtype = self.model.pixel_dtype  # what the vision graph declares: no cast per request
         vision = graph_path(self.folder, "vision_encoder", self.variant).stat()
         self.identity = f"{self.folder.resolve()}|{self.variant}|{vision.st_size}|{vision.st_mtime_ns}".encode()

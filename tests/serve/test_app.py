@@ -177,9 +177,20 @@ def test_sixteen_parallel_requests_are_batched_and_correct(server):
     assert requests / batches > 1, "concurrent requests were served one by one"
 
 
-def test_requests_join_and_leave_a_running_batch(server):
+@pytest.fixture(scope="module")
+def published_decoder_server(folder):
+    """serve.kv_slots=false: the published decoder, its caches padded and stacked when rows join."""
+    server = Server(folder, api_key=API_KEY, max_batch_size=8, batch_wait_ms=20, kv_slots="false")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("decoder", ["server", "published_decoder_server"])
+def test_requests_join_and_leave_a_running_batch(request, decoder):
     """Continuous batching: requests of different lengths arriving while others decode get the answers they get
-    alone, and joined the running batch (fewer prefill batches than requests) rather than waiting for it."""
+    alone, and joined the running batch (fewer prefill batches than requests) rather than waiting for it; with the
+    KV-slot decoder (the default) and with the published one."""
+    server = request.getfixturevalue(decoder)
     bodies = [chat(f"Describe picture {i}.", png((40 * i, 90, 200 - 30 * i), (30 + 8 * i, 36)), max_tokens=200 if i == 0 else 10 * i)
               for i in range(5)]
     alone = [json.loads(post(server.url, b)[1]) for b in bodies]
@@ -448,6 +459,7 @@ def test_json_request_log_and_request_ids(folder):
     lines = [line for line in output.splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line the server printed is one JSON object
     assert any(r["logger"].startswith("uvicorn") for r in records) and any(r["logger"] == "smolbox.serve" for r in records)
+    assert any("KV slots" in r.get("message", "") for r in records if r["logger"] == "smolbox.serve")  # the slot decoder served
     access = {r["request_id"]: r for r in records if r["logger"] == "smolbox.serve.access"}
     first = access["gateway-42"]
     assert (first["method"], first["path"], first["status"]) == ("POST", "/v1/chat/completions", 200)

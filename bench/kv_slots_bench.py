@@ -1,0 +1,157 @@
+"""The server's KV-slot decoder (smolbox/serve/kv_decoder.py) on a GPU: does it run, does the CUDA graph replay give
+the tokens of the same decoder without it, and what does it decode per second against the published decoder.
+
+    python -m bench.kv_slots_bench --export exports/real --variant q4f16 [--slots 8] [--steps 64] [--json out.json]
+    python -m bench.kv_slots_bench --tiny            # a random-weight tiny export made on the spot (torch needed)
+
+Per runtime (published decoder = runtime.OnnxVLM; slots without / with the CUDA graph = kv_decoder.SlotVLM):
+greedy tokens of a join-and-leave run (two prompts of different lengths: B joins while A decodes, A leaves early),
+compared with each prompt generated alone by the published decoder; then decode tokens/s at batch 1 and with every
+slot busy. The CUDA-graph runtime must give the tokens of the slot runtime without it (same kernels); against
+the published decoder (MultiHeadAttention) fp16 rounding may flip a late token, so that is reported, not failed.
+Exit status 1 when the graph and non-graph slot runtimes disagree or the graph did not turn on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def tiny_export(root: Path) -> Path:
+    from smolbox import tiny
+    from smolbox.config import load_config
+    from smolbox.export import export
+
+    tiny.ensure_bundle()
+    base = root / "random-base"
+    tiny.build_model().save_pretrained(base)
+    tiny.build_processor().save_pretrained(base)
+    overrides = {"model.id": str(base), "export.source": "base", "run.name": "kv-slots", "export.output_dir": str(root),
+                 "export.variants": ["fp32", "fp16", "q4", "q4f16"]}
+    return export(load_config("tiny", overrides=overrides, env={}, dotenv=None)).folder
+
+
+def prompts(folder: Path, pixel_dtype) -> list[dict]:
+    """A: an image prompt; B: a shorter text prompt. Each one row, no padding."""
+    from PIL import Image, ImageDraw
+
+    from smolbox.preprocess import Preprocessor
+
+    picture = Image.new("RGB", (512, 384), (235, 235, 235))
+    ImageDraw.Draw(picture).ellipse((156, 92, 356, 292), fill=(200, 30, 30))
+
+    pre = Preprocessor(folder)
+    pre.pixel_dtype = pixel_dtype
+    a = pre.encode(pre.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}]), [picture])
+    b = pre.encode(pre.render_chat([{"role": "user", "content": [{"type": "text", "text": "Write a long story about a lighthouse."}]}]))
+    return [{"input_ids": e.input_ids, "attention_mask": e.attention_mask, "pixel_values": e.pixel_values,
+             "pixel_attention_mask": e.pixel_attention_mask} for e in (a, b)]
+
+
+def prefill(model, p: dict):
+    return model.prefill(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"])
+
+
+def alone(model, p: dict, steps: int) -> list[int]:
+    step, tokens = prefill(model, p), []
+    for _ in range(steps):
+        tokens.append(int(step.logits[0].argmax()))
+        step = model.decode(step, np.array(tokens[-1:], np.int64))
+    model.release(step)
+    return tokens
+
+
+def join_and_leave(model, a: dict, b: dict, steps: int) -> dict[str, list[int]]:
+    """A decodes; B joins after 3 steps; A leaves after steps // 2 tokens; B runs to `steps` tokens."""
+    produced, owners = {"a": [], "b": []}, ["a"]
+    limit = {"a": steps // 2, "b": steps}
+    step = prefill(model, a)
+    for t in range(2 * steps):
+        tokens = step.logits.argmax(-1).astype(np.int64)
+        for row, owner in enumerate(owners):
+            produced[owner].append(int(tokens[row]))
+        keep = [i for i, o in enumerate(owners) if len(produced[o]) < limit[o]]
+        if not keep:
+            model.release(step)
+            break
+        if len(keep) < len(owners):
+            step, owners, tokens = model.select(step, keep), [owners[i] for i in keep], tokens[keep]
+        step = model.decode(step, tokens)
+        if t == 2:
+            step, owners = model.merge(step, prefill(model, b)), owners + ["b"]
+    return produced
+
+
+def decode_rate(model, p: dict, rows: int, steps: int) -> float:
+    """Tokens/s of `rows` copies of prompt `p` decoding together (prefilled as one batch)."""
+    from smolbox.preprocess import Encoded, pad_batch
+
+    enc = Encoded(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"])
+    batch = pad_batch([enc] * rows, 0)
+    step = model.prefill(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
+    tokens = step.logits.argmax(-1).astype(np.int64)
+    for _ in range(5):  # warm-up (and, with the CUDA graph, its capture)
+        step = model.decode(step, tokens)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step = model.decode(step, tokens)
+        tokens = step.logits.argmax(-1).astype(np.int64)
+    rate = rows * steps / (time.perf_counter() - started)
+    model.release(step)
+    return round(rate, 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", type=Path, help="export folder (else --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="make a random-weight tiny export in a temporary folder")
+    parser.add_argument("--variant", default="q4f16")
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=64, help="greedy tokens per check and decode steps per rate")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from smolbox.config import load_config
+    from smolbox.runtime import OnnxVLM
+    from smolbox.serve.engine import preload_cuda_libraries
+    from smolbox.serve.kv_decoder import SlotVLM, load_runtime
+
+    preload_cuda_libraries()
+    folder = args.export or tiny_export(Path(tempfile.mkdtemp(prefix="kv-slots-")))
+    serve = lambda graph: load_config("tiny", overrides={  # noqa: E731
+        "serve.max_batch_size": args.slots, "serve.cuda_graph": graph}, env={}, dotenv=None).serve
+    runtimes = {"published": OnnxVLM(folder, args.variant, providers=CUDA)}
+    for name, graph in (("slots", False), ("slots+graph", True)):
+        runtimes[name] = load_runtime(folder, args.variant, serve(graph), CUDA)
+        assert isinstance(runtimes[name], SlotVLM), f"{name}: the decoder did not derive (see the log line)"
+    a, b = prompts(folder, runtimes["published"].pixel_dtype)
+    reference = {"a": alone(runtimes["published"], a, args.steps // 2), "b": alone(runtimes["published"], b, args.steps)}
+    results, runs = [], {}
+    for name, model in runtimes.items():
+        runs[name] = join_and_leave(model, a, b, args.steps)
+        agree = {k: float(np.mean(np.array(runs[name][k]) == np.array(reference[k]))) for k in reference}
+        results.append({"runtime": name, "provider": model.provider, "cuda_graph": bool(getattr(model, "cuda_graph", False)),
+                        "agreement_with_published_alone": agree,
+                        "decode_tok_s_b1": decode_rate(model, a, 1, args.steps),
+                        f"decode_tok_s_b{args.slots}": decode_rate(model, a, args.slots, args.steps)})
+        print(json.dumps(results[-1]), flush=True)
+    graph_ok = runtimes["slots+graph"].cuda_graph and runs["slots+graph"] == runs["slots"]
+    print(f"CUDA graph {'on' if runtimes['slots+graph'].cuda_graph else 'OFF'}; graph tokens "
+          f"{'equal' if runs['slots+graph'] == runs['slots'] else 'DIFFER FROM'} the slot decoder without the graph")
+    if args.json:
+        args.json.write_text(json.dumps({"export": str(folder), "variant": args.variant, "slots": args.slots,
+                                         "steps": args.steps, "results": results, "graph_ok": graph_ok}, indent=2))
+    return 0 if graph_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The server's own decoder form: GroupQueryAttention over one fixed-capacity KV buffer per layer, a slot per row.
+
+Why: the published decoder (smolbox.export.fused_decoder, HF's SmolVLM layout) runs MultiHeadAttention, which
+takes a past of the batch's length and returns a new, one token longer present: every step copies the whole cache,
+and a request joining or leaving a running batch copies it again (padding surgery, runtime.OnnxVLM.merge/select).
+Shapes change every step, so CUDA graphs cannot replay it (docs/benchmarks.md, "What stands in the way of the
+serving targets"). onnxruntime's com.microsoft GroupQueryAttention appends to a buffer of fixed capacity in place
+when the same memory is bound as its past input and its present output, and tells rows of different lengths apart
+by `seqlens_k` (tokens so far - 1, per row). A row owns one slot of that buffer: joining is a prefill of batch 1
+into a free slot, leaving frees the slot, and nothing is copied.
+
+The export folder stays as it is (users and transformers.js load decoder_model_merged*.onnx): the server derives
+this form from the fused graph when it loads, by graph surgery over the ModelProto (`derive`): per layer the
+q|k|v projection's output (MatMul, MatMulNBits or int8's dequantized product: whatever feeds the Split) becomes
+GroupQueryAttention's packed input, Split / RotaryEmbedding / MultiHeadAttention and the additive mask go, rotary
+happens inside (do_rotary=1, the graph's own cos/sin tables), and `seqlens_k` / `total_sequence_length` replace
+`attention_mask` / `position_ids`. Prefill runs one row at a time (no padding), so the fused graph's head, which
+keeps only the last position, gives each row's logits. A decoder that cannot be derived (a traced one) keeps
+today's runtime; `load_runtime` logs why.
+
+On CUDA the decode step can run as a CUDA graph (`SlotVLM.cuda_graph`): batch = slot count and capacity are fixed,
+every input and output is bound to a fixed device buffer, and onnxruntime replays one capture per step.
+
+No torch here: the serving image runs this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..onnx_layout import ORT_TO_NUMPY, PAST, PRESENT, graph_path
+from ..runtime import CUDA_OPTIONS, OnnxVLM, default_providers
+
+log = logging.getLogger("smolbox.serve")
+
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"  # onnxruntime session config key
+MS = "com.microsoft"
+
+
+class NotDerivable(ValueError):
+    """The decoder graph is not the fused form this module rewrites."""
+
+
+@dataclass
+class Derived:
+    model: onnx.ModelProto
+    layers: int
+    heads: int
+    head_dim: int
+    positions: int  # rows of the rotary tables: no slot may hold more tokens
+    half: bool  # fp16 activations and caches (fp16, q4f16)
+
+
+def derive(model: onnx.ModelProto) -> Derived:
+    """The GroupQueryAttention form of a fused decoder graph (changed in place; external weights stay external).
+    Raises NotDerivable with the reason when the graph is not smolbox.export.fused_decoder's (or its quantized
+    variants')."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output if out}
+    initializers = {t.name: t for t in graph.initializer}
+    past_types = {i.name: i.type.tensor_type for i in graph.input if i.name.startswith(PAST)}
+    attention = [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == MS]
+    if not attention:
+        raise NotDerivable("no MultiHeadAttention node (not a fused decoder)")
+    logits = next((o for o in graph.output if o.name == "logits"), None)
+    if logits is None or logits.type.tensor_type.shape.dim[1].dim_value != 1:
+        raise NotDerivable("logits are not the last position only")
+    replaced, dropped, heads, head_dim, positions = {}, set(), None, None, None
+    for node in attention:
+        if len(node.input) < 8 or not node.input[6] or not node.input[7] or len(node.output) < 3:
+            raise NotDerivable(f"{node.name}: no past/present")
+        rotary_q, rotary_k = producer.get(node.input[0]), producer.get(node.input[1])
+        if not all(r is not None and r.op_type == "RotaryEmbedding" and r.domain == MS for r in (rotary_q, rotary_k)):
+            raise NotDerivable(f"{node.name}: query and key do not come from RotaryEmbedding")
+        split = producer.get(rotary_q.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != [rotary_q.input[0], rotary_k.input[0], node.input[2]]:
+            raise NotDerivable(f"{node.name}: q, k, v are not one Split of a packed projection")
+        rotary = [_attrs(r) for r in (rotary_q, rotary_k)]
+        if rotary[0] != rotary[1] or rotary[0].get("rotary_embedding_dim", 0) or rotary[0].get("is_packed_batching", 0) \
+                or rotary[0].get("scale", 1.0) != 1.0 or list(rotary_q.input[2:4]) != list(rotary_k.input[2:4]):
+            raise NotDerivable(f"{node.name}: rotary settings GroupQueryAttention does not have")
+        cos, sin = rotary_q.input[2], rotary_q.input[3]
+        cache = past_types.get(node.input[6])
+        if cos not in initializers or sin not in initializers or cache is None:
+            raise NotDerivable(f"{node.name}: rotary tables are not initializers")
+        if not initializers[cos].data_type == initializers[sin].data_type == cache.elem_type:
+            raise NotDerivable(f"{node.name}: rotary tables and KV cache differ in dtype")
+        num_heads = _attrs(node)["num_heads"]
+        dim = cache.shape.dim[3].dim_value
+        sizes_name = split.input[1] if len(split.input) > 1 else ""
+        sizes = numpy_helper.to_array(initializers[sizes_name]).tolist() if sizes_name in initializers else None
+        if sizes != [num_heads * dim] * 3 or cache.shape.dim[1].dim_value != num_heads:
+            raise NotDerivable(f"{node.name}: q, k, v are not {num_heads} heads of {dim} each")
+        heads, head_dim = num_heads, dim
+        rows = initializers[cos].dims[0]
+        positions = rows if positions is None else min(positions, rows)
+        attrs = {"num_heads": num_heads, "kv_num_heads": num_heads, "do_rotary": 1,
+                 "rotary_interleaved": rotary[0].get("interleaved", 0)}
+        if "scale" in _attrs(node):
+            attrs["scale"] = _attrs(node)["scale"]
+        replaced[node.name] = helper.make_node(
+            "GroupQueryAttention", [split.input[0], "", "", node.input[6], node.input[7], "seqlens_k", "total_sequence_length", cos, sin],
+            list(node.output[:3]), name=node.name, domain=MS, **attrs)
+        dropped.update(id(n) for n in (split, rotary_q, rotary_k))
+    nodes = [replaced.get(n.name, n) if n.op_type == "MultiHeadAttention" else n for n in graph.node if id(n) not in dropped]
+    nodes = _live(nodes, {o.name for o in graph.output})
+    used = {name for n in nodes for name in n.input}
+    for name in ("attention_mask", "position_ids"):
+        if name in used:
+            raise NotDerivable(f"{name} is used outside the attention mask and rotary")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    inputs = [i for i in graph.input if i.name not in ("attention_mask", "position_ids")]
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
+               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    for value in [*graph.input, *graph.output]:  # past and present are the same buffer: its capacity
+        if value.name.startswith((PAST, PRESENT)):
+            value.type.tensor_type.shape.dim[2].Clear()
+            value.type.tensor_type.shape.dim[2].dim_param = "kv_capacity"
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    produced = {o for n in nodes for o in n.output}
+    value_info = [v for v in graph.value_info if v.name in produced and not v.name.startswith(PRESENT)]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+    half = next(iter(past_types.values())).elem_type == TensorProto.FLOAT16
+    return Derived(model, len(attention), heads, head_dim, positions, half)
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """`nodes` without those whose outputs nothing reads (the mask builder once no attention reads the mask)."""
+    while True:
+        read = outputs | {name for n in nodes for name in n.input}
+        live = [n for n in nodes if any(o and o in read for o in n.output)]
+        if len(live) == len(nodes):
+            return nodes
+        nodes = live
+
+
+# ---- runtime ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlotStep:
+    """The engine's view of a running batch on slots: the last-position logits of each row and the slot it owns."""
+
+    logits: np.ndarray  # [B, V] float32
+    slots: list[int]
+
+
+class SlotVLM(OnnxVLM):
+    """OnnxVLM with the derived decoder: `slots` rows of at most `capacity` tokens each. The engine-facing methods
+    keep OnnxVLM's names and meaning (prefill, decode, select, merge, release; generate is OnnxVLM's), so the engine
+    calls the same methods whichever runtime is loaded; here prefill takes free slots, select and release free
+    them, merge only joins lists. On the CPU the buffers are zeroed numpy arrays (pages are only backed once
+    written); on CUDA zeroed device memory, all of it allocated at load."""
+
+    def __init__(self, folder, variant: str, derived: Derived, slots: int, capacity: int, providers=None,
+                 session_config: dict[str, str] | None = None, cuda_graph: bool = True):
+        self.derived, self.slots = derived, slots
+        self.capacity = min(capacity, derived.positions)
+        self.want_cuda_graph = cuda_graph
+        self.cuda_graph = False
+        super().__init__(folder, variant, providers, session_config)
+        self.bind_io = self.on_cuda
+        self.prefill_multiple = 1  # no mask: MultiHeadAttention's kernel choice (runtime.pad_prompt) does not apply
+        past = {i.name: i for i in self.sessions["decoder_model_merged"].get_inputs() if i.name.startswith(PAST)}
+        self.cache_names = list(past)
+        self.cache_dtype = ORT_TO_NUMPY[past[self.cache_names[0]].type]
+        shape = (slots, derived.heads, self.capacity, derived.head_dim)
+        self.slot_shape = (1, *shape[1:])
+        self.slot_bytes = int(np.prod(self.slot_shape)) * np.dtype(self.cache_dtype).itemsize
+        self.buffers, self.pointers = {}, {}
+        for name in self.cache_names:
+            if self.on_cuda:
+                import onnxruntime as ort
+
+                # Zeroed: positions past a row's length are masked, and masked garbage (NaN) times 0 is still NaN.
+                self.buffers[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), "cuda", 0)
+                self.pointers[name] = self.buffers[name].data_ptr()
+            else:
+                self.buffers[name] = np.zeros(shape, self.cache_dtype)
+                self.pointers[name] = self.buffers[name].ctypes.data
+        self.lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
+        self.free = set(range(slots))
+        self._graph = None  # the CUDA-graph binding, made on the first decode step
+
+    def _session(self, graph: str, options, providers):
+        if graph != "decoder_model_merged":
+            return super()._session(graph, options, providers)
+        import onnxruntime as ort
+
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(graph_path(self.folder, graph, self.variant).parent))
+        data = self.derived.model.SerializeToString()
+        cuda = [p for p in providers if (p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider"]
+        if cuda and self.want_cuda_graph:
+            cuda_options = {**CUDA_OPTIONS, **(cuda[0][1] if isinstance(cuda[0], tuple) else {}), "enable_cuda_graph": "1"}
+            graphed = [("CUDAExecutionProvider", cuda_options) if p in cuda else p for p in providers]
+            try:
+                session = ort.InferenceSession(data, options, providers=graphed)
+                self.cuda_graph = session.get_providers()[0] == "CUDAExecutionProvider"
+                return session
+            except Exception as exc:  # noqa: BLE001 - e.g. a node without a CUDA kernel: no graph, same results
+                log.warning("serve: CUDA graph for the decode step unavailable (%s); decoding without", exc)
+        return ort.InferenceSession(data, options, providers=providers)
+
+    # ---- slots ----
+
+    def _bind_slots(self, binding, first: int, count: int) -> None:
+        """Slots first .. first+count-1 of every layer's buffer, as past input and as present output (in place)."""
+        device = "cuda" if self.on_cuda else "cpu"
+        shape = (count, *self.slot_shape[1:])
+        for name in self.cache_names:
+            pointer = self.pointers[name] + first * self.slot_bytes
+            binding.bind_input(name, device, 0, self.cache_dtype, shape, pointer)
+            binding.bind_output(name.replace(PAST, PRESENT), device, 0, self.cache_dtype, shape, pointer)
+
+    def _run_decoder(self, embeds, seqlens: np.ndarray, first: int) -> np.ndarray:
+        import onnxruntime as ort
+
+        session = self.sessions["decoder_model_merged"]
+        binding = session.io_binding()
+        self._bind_input_value(binding, "inputs_embeds", embeds)
+        binding.bind_cpu_input("seqlens_k", seqlens)
+        binding.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
+        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the order of binding
+        self._bind_slots(binding, first, len(seqlens))
+        options = ort.RunOptions()
+        if self.cuda_graph:
+            options.add_run_config_entry("gpu_graph_id", "-1")  # prefill: shapes vary, never captured
+        session.run_with_iobinding(binding, options)
+        return binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
+
+    def _bind_input_value(self, binding, name, value) -> None:
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.input_types["decoder_model_merged"][name]))
+        else:
+            binding.bind_ortvalue_input(name, value)
+
+    def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, image_features=None) -> SlotStep:
+        """Each row (left padding dropped) into a free slot of its own, one at a time."""
+        rows = input_ids.shape[0]
+        if rows > len(self.free):
+            raise RuntimeError(f"{rows} requests for {len(self.free)} free KV slots")
+        attention_mask = np.asarray(attention_mask).astype(bool)
+        lengths = attention_mask.sum(axis=1)
+        if int(lengths.max()) >= self.capacity:
+            raise ValueError(f"a prompt of {int(lengths.max())} tokens leaves no room in a KV slot of {self.capacity}")
+        embeds = self.embed(np.asarray(input_ids), pixel_values, pixel_attention_mask, image_features)
+        if not isinstance(embeds, np.ndarray):
+            embeds = embeds.numpy()  # rows are cut on the host; onnxruntime copies each back for its prefill
+        taken, logits = [], []
+        try:
+            for row in range(rows):
+                slot = min(self.free)
+                self.free.discard(slot)
+                taken.append(slot)
+                length = int(lengths[row])
+                row_embeds = embeds[row:row + 1][:, attention_mask[row]]
+                logits.append(self._run_decoder(row_embeds, np.array([length - 1], np.int32), slot)[0])
+                self.lengths[slot] = length
+        except Exception:
+            self._free(taken)
+            raise
+        return SlotStep(np.stack(logits), taken)
+
+    def decode(self, step: SlotStep, tokens: np.ndarray) -> SlotStep:
+        """One token for every row of `step`: one decoder call over the slots 0 .. highest row's (all slots with a
+        CUDA graph); slots of no row get a pad token, their output is ignored."""
+        if any(self.lengths[s] >= self.capacity for s in step.slots):
+            raise RuntimeError(f"a KV slot is full ({self.capacity} tokens)")
+        count = self.slots if self.cuda_graph else max(step.slots) + 1
+        ids = np.full(count, self.pad_token_id, np.int64)
+        ids[step.slots] = tokens
+        # Tokens so far per slot (the new one appends there); a slot of no row is written at 0 if free, at its
+        # next position otherwise (which its own next step overwrites before reading).
+        seqlens = np.where(self.lengths[:count] < self.capacity, self.lengths[:count], 0).astype(np.int32)
+        seqlens[[s for s in range(count) if s in self.free]] = 0
+        if self.cuda_graph:
+            logits = self._graph_step(ids, seqlens)
+        else:
+            embeds = self._embed_on_device(ids[:, None]) if self.bind_io else self.embed(ids[:, None])
+            logits = self._run_decoder(embeds, seqlens, 0)
+        self.lengths[step.slots] += 1
+        return SlotStep(logits[step.slots], list(step.slots))
+
+    def select(self, step: SlotStep, rows: list[int]) -> SlotStep:
+        """Rows not in `rows` leave: their slots are free again."""
+        kept = set(rows)
+        self._free([s for i, s in enumerate(step.slots) if i not in kept])
+        return SlotStep(step.logits[rows], [step.slots[i] for i in rows])
+
+    def merge(self, a: SlotStep, b: SlotStep) -> SlotStep:
+        return SlotStep(np.concatenate([a.logits, b.logits]), a.slots + b.slots)
+
+    def release(self, step: SlotStep) -> None:
+        """Every row of `step` leaves (finished, or its batch failed)."""
+        self._free(step.slots)
+
+    def release_all(self) -> None:
+        self._free(range(len(self.lengths)))
+
+    def _free(self, slots) -> None:
+        for slot in slots:
+            self.lengths[slot] = 0
+            self.free.add(slot)
+
+    # ---- CUDA graph ----
+
+    def _graph_step(self, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
+        """The decode step as a CUDA graph: token ids and lengths are copied into fixed device buffers, the embeddings
+        are written into the decoder's fixed input buffer, and the captured graph replays (onnxruntime captures graph
+        id 1 after its warm-up runs; prefill runs with id -1, never captured)."""
+        g = self._graph
+        if g is None:
+            g = self._graph = self._make_graph_binding()
+        g["ids"].update_inplace(ids[:, None])
+        g["seqlens"].update_inplace(seqlens)
+        self.sessions["embed_tokens"].run_with_iobinding(g["embed_binding"])
+        self.sessions["decoder_model_merged"].run_with_iobinding(g["binding"], g["options"])
+        return g["logits"].numpy()[:, -1]
+
+    def _make_graph_binding(self) -> dict:
+        import onnxruntime as ort
+
+        # self.device: "cuda"; "cpu" when a test runs this path on the CPU provider (fixed buffers, no graph)
+        n, device, decoder, embed = self.slots, self.device, self.sessions["decoder_model_merged"], self.sessions["embed_tokens"]
+        embeds_dtype = self.input_types["decoder_model_merged"]["inputs_embeds"]
+        hidden = next(i for i in decoder.get_inputs() if i.name == "inputs_embeds").shape[-1]
+        embed_out = embed.get_outputs()[0]
+        if ORT_TO_NUMPY[embed_out.type] != embeds_dtype:
+            raise RuntimeError(f"embed_tokens returns {embed_out.type}, the decoder takes {embeds_dtype}")
+        g = {"ids": ort.OrtValue.ortvalue_from_shape_and_type((n, 1), np.int64, device, 0),
+             "embeds": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, hidden), embeds_dtype, device, 0),
+             "seqlens": ort.OrtValue.ortvalue_from_shape_and_type((n,), np.int32, device, 0),
+             # GroupQueryAttention reads total_sequence_length on the host, so a replay keeps the captured value: the
+             # capacity, which is right for every step (the rows' lengths come from seqlens_k; docs/notes.md).
+             "total": ort.OrtValue.ortvalue_from_numpy(np.array(self.capacity, np.int32)),
+             "logits": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, self.vocab_size), np.float32, device, 0)}
+        g["embed_binding"] = embed.io_binding()
+        g["embed_binding"].bind_ortvalue_input("input_ids", g["ids"])
+        g["embed_binding"].bind_ortvalue_output(embed_out.name, g["embeds"])
+        binding = g["binding"] = decoder.io_binding()
+        binding.bind_ortvalue_input("inputs_embeds", g["embeds"])
+        binding.bind_ortvalue_input("seqlens_k", g["seqlens"])
+        binding.bind_ortvalue_input("total_sequence_length", g["total"])
+        self._bind_slots(binding, 0, n)
+        binding.bind_ortvalue_output("logits", g["logits"])
+        g["options"] = ort.RunOptions()
+        g["options"].add_run_config_entry("gpu_graph_id", "1")
+        return g
+
+
+def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
+    """SlotVLM when serve.kv_slots is on and the variant's decoder derives, else OnnxVLM (with one log line why).
+    `serve` is the serve config section."""
+    if serve.kv_slots:
+        path = graph_path(folder, "decoder_model_merged", variant)
+        try:
+            derived = derive(onnx.load(str(path), load_external_data=False))
+        except NotDerivable as exc:
+            log.info("serve: %s keeps the published decoder (no KV slots): %s", path.name, exc)
+        else:
+            if "CUDAExecutionProvider" in (providers or default_providers()) and not derived.half:
+                # onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only (docs/notes.md): an fp32 one would run on
+                # the CPU, the whole cache copied there and back every step.
+                log.info("serve: %s keeps the published decoder (no KV slots): fp32 caches on CUDA", path.name)
+                return OnnxVLM(folder, variant, providers=providers, session_config=serve.ort_session_config)
+            capacity = serve.kv_capacity_tokens or serve.max_prompt_tokens + serve.max_tokens_limit
+            model = SlotVLM(folder, variant, derived, serve.max_batch_size, capacity, providers,
+                            serve.ort_session_config, cuda_graph=serve.cuda_graph)
+            log.info("serve: decoder with %d KV slots of %d tokens (GroupQueryAttention, %.2f GiB of cache)%s", model.slots,
+                     model.capacity, model.slot_bytes * model.slots * len(model.cache_names) / 2**30,
+                     ", decode step as a CUDA graph" if model.cuda_graph else "")
+            return model
+    return OnnxVLM(folder, variant, providers=providers, session_config=serve.ort_session_config)

@@ -1,0 +1,169 @@
+"""The server's derived decoder (smolbox.serve.kv_decoder): GroupQueryAttention over fixed KV slots gives the tokens
+of the published decoder and of PyTorch, for rows of different lengths decoded together and for rows joining and
+leaving a running batch; the export folder is left as it is."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from smolbox.config import ConfigError, load_config
+from smolbox.onnx_layout import graph_path
+from smolbox.runtime import OnnxVLM
+from smolbox.serve.kv_decoder import NotDerivable, SlotVLM, derive, load_runtime
+from tests.prompts import left_padded_batch
+
+CPU = ["CPUExecutionProvider"]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def processor(random_export):
+    return AutoProcessor.from_pretrained(random_export)
+
+
+@pytest.fixture(scope="module")
+def pair(processor):
+    """Two image prompts of different lengths, left-padded into one batch (numpy)."""
+    return {k: v.numpy() for k, v in left_padded_batch(processor).items()}
+
+
+def serve_config(folder, **serve):
+    overrides = {"serve.model": str(folder), "serve.max_batch_size": 3,
+                 **{f"serve.{k}": v for k, v in serve.items()}}
+    return load_config("tiny", overrides=overrides, env={}, dotenv=None).serve
+
+
+def slots(folder, variant):
+    model = load_runtime(folder, variant, serve_config(folder), CPU)
+    assert isinstance(model, SlotVLM) and not model.cuda_graph
+    assert model.capacity == 2048  # max_prompt_tokens + max_tokens_limit, within the rotary tables' 2048 positions
+    return model
+
+
+def greedy(model, inputs, steps=STEPS) -> np.ndarray:
+    """argmax tokens for `steps` steps (no stopping at end of utterance: random weights answer on and on)."""
+    step = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), inputs.get("pixel_attention_mask"))
+    tokens = []
+    for _ in range(steps):
+        tokens.append(step.logits.argmax(-1).astype(np.int64))
+        if len(tokens) < steps:
+            step = model.decode(step, tokens[-1])
+    model.release(step)
+    return np.stack(tokens, axis=1)
+
+
+def test_the_derived_graph_is_the_slot_form_and_the_published_file_stays(random_export):
+    path = graph_path(random_export, "decoder_model_merged", "fp32")
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    derived = derive(onnx.load(str(path), load_external_data=False))
+    ops = [n.op_type for n in derived.model.graph.node]
+    assert ops.count("GroupQueryAttention") == derived.layers == 2
+    assert not {"MultiHeadAttention", "RotaryEmbedding", "Range", "Where"} & set(ops)  # attention, rotary, the mask
+    assert ops.count("Split") == 2  # the MLPs' gate|up only
+    inputs = {i.name for i in derived.model.graph.input}
+    assert {"seqlens_k", "total_sequence_length", "inputs_embeds"} <= inputs and not {"attention_mask", "position_ids"} & inputs
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    with pytest.raises(NotDerivable, match="no MultiHeadAttention"):  # e.g. a traced decoder
+        derive(onnx.load(str(graph_path(random_export, "embed_tokens", "fp32")), load_external_data=False))
+
+
+@pytest.mark.parametrize("variant", ["fp32", "q4"])
+def test_rows_of_different_lengths_decode_together(random_export, pair, variant):
+    """Two rows of different prompt lengths (left-padded batch, images) prefilled into two slots and decoded
+    together: the tokens of the published decoder's runtime, and for fp32 those of PyTorch's greedy generate."""
+    model = slots(random_export, variant)
+    tokens = greedy(model, pair)
+    assert model.free == {0, 1, 2}, "the slots are free again"
+    reference = OnnxVLM(random_export, variant, providers=CPU)
+    assert tokens.tolist() == greedy(reference, pair).tolist()
+    assert model.generate(pair["input_ids"], pair["attention_mask"], pair["pixel_values"], pair["pixel_attention_mask"],
+                          max_new_tokens=STEPS).tolist() == reference.generate(
+        pair["input_ids"], pair["attention_mask"], pair["pixel_values"], pair["pixel_attention_mask"], max_new_tokens=STEPS).tolist()
+    if variant == "fp32":
+        torch_model = AutoModelForImageTextToText.from_pretrained(random_export, dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = torch_model.generate(**{k: torch.from_numpy(v) for k, v in pair.items()}, max_new_tokens=STEPS, do_sample=False,
+                                       min_new_tokens=STEPS)
+        assert tokens.tolist() == out[:, pair["input_ids"].shape[1]:].numpy().tolist()
+
+
+@pytest.mark.parametrize("variant,graph_path", [("fp32", False), ("q4", False), ("fp32", True)])
+def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, graph_path):
+    """Request A decodes alone; B (a different, shorter prompt) is prefilled into a free slot while A is mid-generation
+    and joins; A leaves early and its slot is reused by C, a copy of A, which joins B. Every request's tokens
+    equal those it gets alone, and the slots come back free. graph_path runs, on the CPU, the decode step the CUDA
+    graph replays: every slot every step, fixed input/output buffers (embeddings written into the decoder's input
+    buffer, lengths copied in place), total_sequence_length fixed at the capacity."""
+    model = slots(random_export, variant)
+    alone_model = model
+    if graph_path:
+        model = slots(random_export, variant)
+        model.cuda_graph = True
+    a = {k: v[:1] for k, v in pair.items()}  # row 0 of the pair (its padding and padding image included)
+    b = {k: v[1:] for k, v in pair.items()}
+    alone = {"a": greedy(alone_model, a)[0].tolist(), "b": greedy(alone_model, b)[0].tolist()}
+    produced = {"a": [], "b": [], "c": []}
+    leave_after = {"a": 7, "b": STEPS, "c": STEPS}
+    step, owners = model.prefill(a["input_ids"], a["attention_mask"], a["pixel_values"], a["pixel_attention_mask"]), ["a"]
+    for t in range(40):
+        tokens = step.logits.argmax(-1).astype(np.int64)
+        for row, owner in enumerate(owners):
+            produced[owner].append(int(tokens[row]))
+        keep = [i for i, o in enumerate(owners) if len(produced[o]) < leave_after[o]]
+        if len(keep) < len(owners):  # finished rows leave; their slots are free again
+            step, owners, tokens = model.select(step, keep), [owners[i] for i in keep], tokens[keep]
+            assert len(model.free) == 3 - len(owners)
+        if not owners:
+            break
+        step = model.decode(step, tokens)
+        for when, name, inputs in ((2, "b", b), (8, "c", a)):
+            if t == when:  # a newcomer is prefilled into a free slot (C: A's) and joins the running batch
+                joined = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["pixel_attention_mask"])
+                if name == "c":
+                    assert joined.slots == [0]
+                step, owners = model.merge(step, joined), owners + [name]
+    model.release(step)
+    assert produced == {"a": alone["a"][:7], "b": alone["b"], "c": alone["a"]}
+    assert (model._graph is not None) == graph_path
+    assert model.free == {0, 1, 2}
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_the_published_decoder_when_kv_slots_are_off_and_slots_that_hold_every_request(random_export):
+    model = load_runtime(random_export, "fp32", serve_config(random_export, kv_slots=False), CPU)
+    assert type(model) is OnnxVLM
+    # fp32 caches asked on CUDA (onnxruntime falls back to the CPU here): CUDA's GroupQueryAttention is fp16 only
+    model = load_runtime(random_export, "fp32", serve_config(random_export), ["CUDAExecutionProvider", *CPU])
+    assert type(model) is OnnxVLM
+    with pytest.raises(ConfigError, match="kv_capacity_tokens"):
+        serve_config(random_export, kv_capacity_tokens=1000, max_prompt_tokens=1000, max_tokens_limit=10)
+    assert serve_config(random_export, kv_capacity_tokens=1010, max_prompt_tokens=1000, max_tokens_limit=10).kv_capacity_tokens == 1010
+
+
+@pytest.fixture(scope="module")
+def other_variants(random_export, tmp_path_factory):
+    """The random model of random_export with the variants it lacks (fp16 caches, 8-bit, int8's dynamic quantization)."""
+    from smolbox.export import export
+
+    overrides = {"model.id": str(random_export), "export.source": "base", "run.name": "srv-variants",
+                 "export.output_dir": str(tmp_path_factory.mktemp("variants")), "export.variants": ["fp32", "fp16", "q8", "q4f16", "int8"]}
+    return export(load_config("tiny", overrides=overrides, env={}, dotenv=None)).folder
+
+
+@pytest.mark.parametrize("variant", ["fp16", "q8", "q4f16", "int8"])
+def test_every_variant_derives(other_variants, pair, variant):
+    """fp16 and q4f16 carry fp16 caches (and fp16 rotary tables), q8 MatMulNBits at 8 bits, int8 a dequantized
+    product before the Split: each derives, and its slots give the published decoder's tokens for the pair. int8
+    quantizes activations with one scale per call, so its tokens depend on what shares a call (the padded pair's
+    prefill is one call, the slots' two): it is compared on one row without padding, where the calls are the same."""
+    model = slots(other_variants, variant)
+    assert model.cache_dtype == (np.float16 if variant in ("fp16", "q4f16") else np.float32)
+    inputs = pair
+    if variant == "int8":
+        real = pair["attention_mask"][0] == 1
+        inputs = {k: v[:1][:, real] if k in ("input_ids", "attention_mask") else v[:1] for k, v in pair.items()}
+    assert greedy(model, inputs).tolist() == greedy(OnnxVLM(other_variants, variant, providers=CPU), inputs).tolist()
