@@ -32,7 +32,7 @@ def image():
 
     from smolbox import tiny
 
-    return tiny._draw("circle", tiny.COLORS["red"], (512, 384), random.Random(3))
+    return tiny.draw("circle", tiny.COLORS["red"], (512, 384), random.Random(3))
 
 
 def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
