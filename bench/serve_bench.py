@@ -225,8 +225,30 @@ def hf_engine(model_dir: Path, kind: str, new_tokens: int, repeats: int) -> dict
     return out
 
 
+def server_memory_mib(pid: int) -> dict:
+    """The server process's resident memory and, on a GPU, the device memory it holds (MiB)."""
+    out = {}
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        out["rss_mib"] = round(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024, 1)
+    except (OSError, StopIteration):
+        pass
+    try:
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10).stdout
+        used = [int(m) for p_, m in (line.split(",") for line in apps.splitlines() if line.strip()) if int(p_) == pid]
+        if used:
+            out["gpu_mib"] = used[0]
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    return out
+
+
 def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tokens: int, max_batch: int,
-         continuous: bool = True, ort_config: dict[str, str] | None = None) -> list[dict]:
+         continuous: bool = True, ort_config: dict[str, str] | None = None, serve_set: dict[str, str] | None = None,
+         samples: int = 1) -> list[dict]:
+    """`smolbox serve` under N streaming clients for `seconds`, per N; `serve_set` adds serve.* settings; the server's
+    memory is read `samples` times over each load run (first and last tell whether it stays flat)."""
     from bench.serve_load import run
 
     with socket.socket() as probe:
@@ -236,6 +258,8 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
            "--serve.model", str(folder), "--serve.variant", variant, "--serve.host", "127.0.0.1",
            "--serve.port", str(port), "--serve.max_batch_size", str(max_batch), "--serve.max_queue", "512",
            "--serve.continuous_batching", str(continuous).lower(), "--serve.ort_session_config", json.dumps(ort_config or {})]
+    for key, value in (serve_set or {}).items():
+        cmd += [f"--serve.{key}", value]
     log = open(Path(os.environ.get("OUT", "/tmp")) / f"serve_{variant}.log", "w")
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -255,9 +279,14 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
         run(url, 1, 3, 8, (512, 384), None)  # warm-up
         rows = []
         for n in clients:
-            row = run(url, n, seconds, max_tokens, (512, 384), None)
+            memory, part = [server_memory_mib(server.pid)], []
+            for _ in range(samples):  # one load run in `samples` parts, the server's memory read after each
+                part.append(run(url, n, seconds / samples, max_tokens, (512, 384), None))
+                memory.append(server_memory_mib(server.pid))
+            row = part[0] if samples == 1 else merge_load_parts(part)
             row.update(variant=variant, provider=health.get("provider"), max_batch_size=max_batch, max_tokens=max_tokens,
-                       batching="continuous" if continuous else "static", ort_session_config=ort_config or {})
+                       batching="continuous" if continuous else "static", ort_session_config=ort_config or {},
+                       serve_set=serve_set or {}, server_memory=memory)
             print(json.dumps(row), flush=True)
             rows.append(row)
         return rows
@@ -268,6 +297,21 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def merge_load_parts(parts: list[dict]) -> dict:
+    """One load run's numbers from its consecutive parts: counts summed, rates over the whole time, each part's
+    percentiles kept as a list (in order: drift over the run shows there)."""
+    seconds = sum(p["seconds"] for p in parts)
+    row = {"clients": parts[0]["clients"], "seconds": round(seconds, 2), "parts": len(parts),
+           "requests": sum(p["requests"] for p in parts), "errors": sum(p["errors"] for p in parts),
+           "first_errors": [e for p in parts for e in p["first_errors"]][:3]}
+    for rate in ("requests_per_s", "tokens_per_s"):
+        row[rate] = sum(p[rate] * p["seconds"] for p in parts) / seconds
+    for key in ("latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"):
+        row[key] = sorted(p[key] for p in parts)[len(parts) // 2]  # the median part's
+        row[key + "_by_part"] = [p[key] for p in parts]
+    return row
 
 
 def main() -> None:
@@ -292,6 +336,10 @@ def main() -> None:
     parser.add_argument("--profile-kernels", action="store_true", help="GPU kernel breakdown of prefill and decode (ORT)")
     parser.add_argument("--http-session-config", default="default", help="serve.ort_session_config of the HTTP server, "
                         "same form as --session-configs")
+    parser.add_argument("--serve-sets", nargs="+", default=["default"],
+                        help="HTTP runs once per entry: 'default' or key=value[,key=value] serve.* settings, side by side "
+                        "(e.g. kv_slots=false image_cache_mb=0)")
+    parser.add_argument("--memory-samples", type=int, default=1, help="read the server's memory this many times per load run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -321,9 +369,9 @@ def main() -> None:
         save()
     if args.http_variant and args.clients:
         try:
-            results["http"] = [row for mode in args.batching for row in http(
+            results["http"] = [row for mode in args.batching for serve_set in args.serve_sets for row in http(
                 args.export, args.http_variant, args.clients, args.seconds, args.max_tokens, args.max_batch, mode == "continuous",
-                session_config(args.http_session_config))]
+                session_config(args.http_session_config), session_config(serve_set), args.memory_samples)]
         except Exception as exc:  # noqa: BLE001
             results["http"] = [{"error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
         save()
@@ -340,8 +388,12 @@ def main() -> None:
         if "error" in r:
             print("HTTP ERROR", r["error"])
             continue
-        print(f"HTTP {r['variant']} {r.get('batching', 'continuous'):<10} {r['clients']:>3} clients: {r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, "
-              f"ttft p50 {r['ttft_p50_s']:.3f} s, latency p50 {r['latency_p50_s']:.2f} s, errors {r['errors']}")
+        settings = ",".join(f"{k}={v}" for k, v in r.get("serve_set", {}).items()) or "default"
+        memory = r.get("server_memory") or [{}]
+        print(f"HTTP {r['variant']} {r.get('batching', 'continuous'):<10} {settings:<28} {r['clients']:>3} clients: "
+              f"{r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, ttft p50 {r['ttft_p50_s']:.3f} s "
+              f"p99 {r['ttft_p99_s']:.3f} s, latency p50 {r['latency_p50_s']:.2f} s, errors {r['errors']}, server memory "
+              f"MiB {memory[0].get('rss_mib')} -> {memory[-1].get('rss_mib')} (GPU {memory[0].get('gpu_mib')} -> {memory[-1].get('gpu_mib')})")
 
 
 if __name__ == "__main__":
