@@ -20,6 +20,9 @@
 #   bash bench/gpu_machine_session.sh export-base  smolbox export of the base model: fp32 + q4f16 (parity on 1 prompt)
 #   bash bench/gpu_machine_session.sh serve4       ORT q4f16 TTFT / decode / kernel profile, then HTTP at 8 and 32 clients, 256 tokens
 #   bash bench/gpu_machine_session.sh scale        default.yaml on 1 GPU and on every GPU of the host, global batch 32, side by side
+#   bash bench/gpu_machine_session.sh serve5       engine v2 on the base export (q4f16): the KV-slot decoder with and without its
+#                                          CUDA graph (bench/kv_slots_bench.py), TTFT and decode against transformers,
+#                                          then HTTP at 32 clients x 256 tokens, the published decoder and the slot one
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 set -uo pipefail
@@ -137,6 +140,13 @@ case "${1:?stage}" in
       cp "/tmp/runs/$r/metrics.jsonl" "$OUT/${r}_metrics.jsonl"
     done
     tail -n 3 "$OUT/multi.log" "$OUT/accel.log"
+    ;;
+  serve5)
+    python -m bench.kv_slots_bench --export /tmp/exp/base --variant q4f16 --slots 8 --steps 64 --json "$OUT/kv_slots.json" \
+      2>&1 | grep -vE "Warn|warn" | tail -6
+    python -m bench.serve_bench --export /tmp/exp/base --hf-model /tmp/rs/model --ort-variants q4f16 --hf bf16 --batch 32 \
+      --http-variant q4f16 --clients 32 --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 \
+      --serve-sets kv_slots=false,image_cache_mb=0 image_cache_mb=0 default --json "$OUT/serve5.json" 2>&1 | grep -vE "Warn|warn" | tail -12
     ;;
   serve-bench)
     folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)
