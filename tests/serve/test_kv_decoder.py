@@ -96,8 +96,9 @@ def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, 
     """Request A decodes alone; B (a different, shorter prompt) is prefilled into a free slot while A is mid-generation
     and joins; A leaves early and its slot is reused by C, a copy of A, which joins B. Every request's tokens
     equal those it gets alone, and the slots come back free. graph_path runs, on the CPU, the decode step the CUDA
-    graph replays: every slot every step, fixed input/output buffers (embeddings written into the decoder's input
-    buffer, lengths copied in place), total_sequence_length fixed at the capacity."""
+    graphs replay: the slots of the smallest batch bucket that holds the rows, that bucket's fixed input/output
+    buffers (embeddings written into the decoder's input buffer, lengths copied in place), total_sequence_length
+    fixed at the capacity."""
     model = slots(random_export, variant)
     alone_model = model
     if graph_path:
