@@ -5,11 +5,14 @@ the tokens of the same decoder without it, and what does it decode per second ag
     python -m bench.kv_slots_bench --tiny            # a random-weight tiny export made on the spot (torch needed)
 
 Per runtime (published decoder = runtime.OnnxVLM; slots without / with the CUDA graph = kv_decoder.SlotVLM):
-greedy tokens of a join-and-leave run (two prompts of different lengths: B joins while A decodes, A leaves early),
-compared with each prompt generated alone by the published decoder; then decode tokens/s at batch 1 and with every
-slot busy. The CUDA-graph runtime must give the tokens of the slot runtime without it (same kernels); against
-the published decoder (MultiHeadAttention) fp16 rounding may flip a late token, so that is reported, not failed.
-Exit status 1 when the graph and non-graph slot runtimes disagree or the graph did not turn on.
+greedy tokens of a join-and-leave run (two prompts of different lengths: B joins while A decodes, B leaves early,
+A finishes alone), compared with each prompt generated alone by the published decoder; then decode tokens/s at
+batch 1 and with every slot busy. The CUDA-graph runtime captures one graph per batch bucket (powers of two up to
+the slot count): the join-and-leave run goes through buckets 1 -> 2 -> 1, batch 1 replays bucket 1, every slot busy
+the slot count's; `graph_buckets` lists those captured. The CUDA-graph runtime must give the tokens of the slot
+runtime without it (same kernels); against the published decoder (MultiHeadAttention) fp16 rounding may flip a late
+token, so that is reported, not failed. Exit status 1 when the graph and non-graph slot runtimes disagree or the
+graph did not turn on.
 """
 
 from __future__ import annotations
@@ -71,9 +74,10 @@ def alone(model, p: dict, steps: int) -> list[int]:
 
 
 def join_and_leave(model, a: dict, b: dict, steps: int) -> dict[str, list[int]]:
-    """A decodes; B joins after 3 steps; A leaves after steps // 2 tokens; B runs to `steps` tokens."""
+    """A decodes (slot 0); B joins after 3 steps (slot 1); B leaves after steps // 2 tokens; A runs to `steps` tokens
+    (with CUDA graphs: buckets 1, 2, then 1 again)."""
     produced, owners = {"a": [], "b": []}, ["a"]
-    limit = {"a": steps // 2, "b": steps}
+    limit = {"a": steps, "b": steps // 2}
     step = prefill(model, a)
     for t in range(2 * steps):
         tokens = step.logits.argmax(-1).astype(np.int64)
@@ -134,7 +138,7 @@ def main() -> int:
         runtimes[name] = load_runtime(folder, args.variant, serve(graph), CUDA)
         assert isinstance(runtimes[name], SlotVLM), f"{name}: the decoder did not derive (see the log line)"
     a, b = prompts(folder, runtimes["published"].pixel_dtype)
-    reference = {"a": alone(runtimes["published"], a, args.steps // 2), "b": alone(runtimes["published"], b, args.steps)}
+    reference = {"a": alone(runtimes["published"], a, args.steps), "b": alone(runtimes["published"], b, args.steps // 2)}
     results, runs = [], {}
     for name, model in runtimes.items():
         runs[name] = join_and_leave(model, a, b, args.steps)
@@ -143,6 +147,8 @@ def main() -> int:
                         "agreement_with_published_alone": agree,
                         "decode_tok_s_b1": decode_rate(model, a, 1, args.steps),
                         f"decode_tok_s_b{args.slots}": decode_rate(model, a, args.slots, args.steps)})
+        if getattr(model, "cuda_graph", False):
+            results[-1]["graph_buckets"] = sorted(model._graphs)
         print(json.dumps(results[-1]), flush=True)
     graph_ok = runtimes["slots+graph"].cuda_graph and runs["slots+graph"] == runs["slots"]
     print(f"CUDA graph {'on' if runtimes['slots+graph'].cuda_graph else 'OFF'}; graph tokens "

@@ -18,8 +18,12 @@ happens inside (do_rotary=1, the graph's own cos/sin tables), and `seqlens_k` / 
 keeps only the last position, gives each row's logits. A decoder that cannot be derived (a traced one) keeps
 today's runtime; `load_runtime` logs why.
 
-On CUDA the decode step can run as a CUDA graph (`SlotVLM.cuda_graph`): batch = slot count and capacity are fixed,
-every input and output is bound to a fixed device buffer, and onnxruntime replays one capture per step.
+On CUDA the decode step can run as a CUDA graph (`SlotVLM.cuda_graph`), one per batch bucket: the buckets are the
+powers of two below the slot count and the slot count itself, and a step over the slots 0 .. highest row's runs the
+smallest bucket that holds them (slots are taken lowest first, so one row runs bucket 1, not every slot). Slots are
+slot-major in every layer's buffer, so a bucket of k binds the first k slots of the same memory with shape [k, ...]
+(no copy); each bucket has its own fixed input/output buffers and its own `gpu_graph_id` (the bucket size), which
+onnxruntime captures on the bucket's first runs (after its warm-up runs) and replays from then on. Capacity is fixed.
 
 No torch here: the serving image runs this module.
 """
@@ -196,7 +200,9 @@ class SlotVLM(OnnxVLM):
                 self.pointers[name] = self.buffers[name].ctypes.data
         self.lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
         self.free = set(range(slots))
-        self._graph = None  # the CUDA-graph binding, made on the first decode step
+        # CUDA-graph batch buckets: powers of two below the slot count, and the slot count
+        self.buckets = sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
+        self._graphs: dict[int, dict] = {}  # bucket -> its fixed-buffer binding, made on the bucket's first step
 
     def _session(self, graph: str, options, providers):
         if graph != "decoder_model_merged":
@@ -278,11 +284,13 @@ class SlotVLM(OnnxVLM):
         return SlotStep(np.stack(logits), taken)
 
     def decode(self, step: SlotStep, tokens: np.ndarray) -> SlotStep:
-        """One token for every row of `step`: one decoder call over the slots 0 .. highest row's (all slots with a
-        CUDA graph); slots of no row get a pad token, their output is ignored."""
+        """One token for every row of `step`: one decoder call over the slots 0 .. highest row's (with a CUDA graph,
+        0 .. the smallest bucket that holds them: `bucket`); slots of no row get a pad token, their output is ignored."""
         if any(self.lengths[s] >= self.capacity for s in step.slots):
             raise RuntimeError(f"a KV slot is full ({self.capacity} tokens)")
-        count = self.slots if self.cuda_graph else max(step.slots) + 1
+        count = max(step.slots) + 1
+        if self.cuda_graph:
+            count = self.bucket(count)
         ids = np.full(count, self.pad_token_id, np.int64)
         ids[step.slots] = tokens
         # Tokens so far per slot (the new one appends there); a slot of no row is written at 0 if free, at its
@@ -290,7 +298,7 @@ class SlotVLM(OnnxVLM):
         seqlens = np.where(self.lengths[:count] < self.capacity, self.lengths[:count], 0).astype(np.int32)
         seqlens[[s for s in range(count) if s in self.free]] = 0
         if self.cuda_graph:
-            logits = self._graph_step(ids, seqlens)
+            logits = self._graph_step(count, ids, seqlens)
         else:
             embeds = self._embed_on_device(ids[:, None]) if self.bind_io else self.embed(ids[:, None])
             logits = self._run_decoder(embeds, seqlens, 0)
@@ -320,24 +328,31 @@ class SlotVLM(OnnxVLM):
 
     # ---- CUDA graph ----
 
-    def _graph_step(self, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
-        """The decode step as a CUDA graph: token ids and lengths are copied into fixed device buffers, the embeddings
-        are written into the decoder's fixed input buffer, and the captured graph replays (onnxruntime captures graph
-        id 1 after its warm-up runs; prefill runs with id -1, never captured)."""
-        g = self._graph
+    def bucket(self, count: int) -> int:
+        """The smallest CUDA-graph batch bucket of at least `count` slots."""
+        return next(b for b in self.buckets if b >= count)
+
+    def _graph_step(self, bucket: int, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
+        """The decode step over slots 0 .. bucket-1 as the bucket's CUDA graph: token ids and lengths are copied into
+        the bucket's fixed device buffers, the embeddings are written into its fixed decoder input buffer, and its
+        graph replays (onnxruntime captures graph id `bucket` after that id's warm-up runs, each id on its own;
+        prefill runs with id -1, never captured)."""
+        g = self._graphs.get(bucket)
         if g is None:
-            g = self._graph = self._make_graph_binding()
+            g = self._graphs[bucket] = self._make_graph_binding(bucket)
         g["ids"].update_inplace(ids[:, None])
         g["seqlens"].update_inplace(seqlens)
         self.sessions["embed_tokens"].run_with_iobinding(g["embed_binding"])
         self.sessions["decoder_model_merged"].run_with_iobinding(g["binding"], g["options"])
         return g["logits"].numpy()[:, -1]
 
-    def _make_graph_binding(self) -> dict:
+    def _make_graph_binding(self, n: int) -> dict:
+        """Fixed buffers and bindings for a decode step over slots 0 .. n-1 (the first n slots of every layer's buffer,
+        bound in place with shape [n, ...]), run as gpu_graph_id n (0 is onnxruntime's default id, -1 no graph)."""
         import onnxruntime as ort
 
         # self.device: "cuda"; "cpu" when a test runs this path on the CPU provider (fixed buffers, no graph)
-        n, device, decoder, embed = self.slots, self.device, self.sessions["decoder_model_merged"], self.sessions["embed_tokens"]
+        device, decoder, embed = self.device, self.sessions["decoder_model_merged"], self.sessions["embed_tokens"]
         embeds_dtype = self.input_types["decoder_model_merged"]["inputs_embeds"]
         hidden = next(i for i in decoder.get_inputs() if i.name == "inputs_embeds").shape[-1]
         embed_out = embed.get_outputs()[0]
@@ -360,7 +375,7 @@ class SlotVLM(OnnxVLM):
         self._bind_slots(binding, 0, n)
         binding.bind_ortvalue_output("logits", g["logits"])
         g["options"] = ort.RunOptions()
-        g["options"].add_run_config_entry("gpu_graph_id", "1")
+        g["options"].add_run_config_entry("gpu_graph_id", str(n))
         return g
 
 

@@ -96,8 +96,9 @@ def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, 
     """Request A decodes alone; B (a different, shorter prompt) is prefilled into a free slot while A is mid-generation
     and joins; A leaves early and its slot is reused by C, a copy of A, which joins B. Every request's tokens
     equal those it gets alone, and the slots come back free. graph_path runs, on the CPU, the decode step the CUDA
-    graph replays: every slot every step, fixed input/output buffers (embeddings written into the decoder's input
-    buffer, lengths copied in place), total_sequence_length fixed at the capacity."""
+    graphs replay: the slots of the smallest batch bucket that holds the rows, that bucket's fixed input/output
+    buffers (embeddings written into the decoder's input buffer, lengths copied in place), total_sequence_length
+    fixed at the capacity."""
     model = slots(random_export, variant)
     alone_model = model
     if graph_path:
@@ -128,8 +129,49 @@ def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, 
                 step, owners = model.merge(step, joined), owners + [name]
     model.release(step)
     assert produced == {"a": alone["a"][:7], "b": alone["b"], "c": alone["a"]}
-    assert (model._graph is not None) == graph_path
+    assert set(model._graphs) == ({1, 2} if graph_path else set())  # slots 0-1 at most: buckets 1 and 2 of [1, 2, 3]
     assert model.free == {0, 1, 2}
+
+
+def test_graph_path_buckets_as_rows_join_and_leave(random_export, pair):
+    """Five slots (CUDA-graph buckets 1, 2, 4, 5): rows join one at a time (1 -> 2 -> 3 -> 4 -> 5 rows: buckets
+    1, 2, 4, 4, 5) and leave highest slot first (back through 4, 2 to 1). On the graph path (each bucket its own
+    fixed buffers, bound over the first slots of the shared KV buffers) every request's tokens equal those of the
+    slot decoder without the graph on the same schedule and those of the published decoder alone."""
+    config = serve_config(random_export, max_batch_size=5)
+    graph, plain = (load_runtime(random_export, "fp32", config, CPU) for _ in range(2))
+    graph.cuda_graph = True
+    assert graph.buckets == [1, 2, 4, 5]
+    prompts = [{k: v[i % 2:i % 2 + 1] for k, v in pair.items()} for i in range(5)]  # A, B, A, B, A (rows of the pair)
+    steps = [20, 17, 14, 11, 8]  # request i joins at step 2i and leaves at 2i + steps - 1: the highest slot first
+
+    def run(model):
+        produced, buckets, owners, step = [[] for _ in prompts], [], [], None
+        for t in range(40):
+            if t % 2 == 0 and t // 2 < len(prompts):  # a newcomer takes the lowest free slot: its own index
+                p = prompts[t // 2]
+                joined = model.prefill(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"])
+                assert joined.slots == [t // 2]
+                step, owners = (joined if step is None else model.merge(step, joined)), owners + [t // 2]
+            tokens = step.logits.argmax(-1).astype(np.int64)
+            for row, owner in enumerate(owners):
+                produced[owner].append(int(tokens[row]))
+            keep = [i for i, o in enumerate(owners) if len(produced[o]) < steps[o]]
+            if len(keep) < len(owners):
+                step, owners, tokens = model.select(step, keep), [owners[i] for i in keep], tokens[keep]
+            if not owners:
+                break
+            buckets.append(graph.bucket(max(step.slots) + 1))
+            step = model.decode(step, tokens)
+        assert model.free == set(range(5))
+        return produced, buckets
+
+    produced, buckets = run(graph)
+    assert [b for i, b in enumerate(buckets) if i == 0 or b != buckets[i - 1]] == [1, 2, 4, 5, 4, 2, 1]
+    assert set(graph._graphs) == {1, 2, 4, 5}
+    assert run(plain)[0] == produced
+    reference = OnnxVLM(random_export, "fp32", providers=CPU)
+    assert produced == [greedy(reference, p, n)[0].tolist() for p, n in zip(prompts, steps)]
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
