@@ -22,9 +22,9 @@ Variants:
   <name>:precompute / <name>:no-precompute   train.precompute_ref_logps on / off (on in default and lowmem):
                     steps without the reference forward; the one-off pass over the data is reported as
                     ref_logps_precompute_s, and pairs_per_s_with_precompute spreads it over the config's epochs
-  <name>:compile    train.compile on: torch.compile (inductor) of each SigLIP encoder / Llama decoder layer; the
-                    compilations fall in the warm-up step 1 (and the first step with new shapes, which recompiles
-                    once with dynamic sizes): read pairs_per_s_from_step3, with --steps 5 or more
+  <name>:compile    train.compile on: torch.compile (inductor, dynamic shapes) of each SigLIP encoder / Llama
+                    decoder layer; the compilation falls in the warm-up step 1 (the reference pass runs eagerly);
+                    pairs_per_s_from_step3 also leaves out step 2, should anything recompile there
   <name>:norm-cache adapter.dora_norm_cache on: DoRA's weight norm once per optimizer step, not per forward
   <name>:dora-bias  adapter.fused_dora_bias on: the fused DoRA forward on the vision tower's q/k/v (they have a
                     bias, so they take peft's ~7-pass forward otherwise)
@@ -104,7 +104,7 @@ def _result(timer, pairs_per_step: int, extra: dict) -> dict:
     out = {
         **extra, "pairs_per_step": pairs_per_step, "step_s": steps,
         "pairs_per_s": round(pairs_per_step * len(measured) / sum(measured), 3) if measured else None,
-        # without step 2 as well: a compiled variant recompiles once for dynamic shapes at its first new shapes
+        # without step 2 as well: should a compiled variant recompile there, it shows as a gap between the two rates
         "pairs_per_s_from_step3": round(pairs_per_step * len(steps[2:]) / sum(steps[2:]), 3) if steps[2:] else None,
     }
     if torch.cuda.is_available():
@@ -277,7 +277,7 @@ def table(rows: list[dict]) -> str:
                      f"{r.get('pairs_per_s_from_step3') or 0:>8.3f} "
                      f"{r.get('peak_allocated_gib', 0):>9.2f} {r.get('peak_reserved_gib', 0):>8.2f} {ratio:>8} {scaling:>7} "
                      f"{r.get('pairs_per_s_with_precompute') or '':>11} {r.get('pairs_per_s_with_precompute_recipe_data') or '':>11}")
-    lines.append("pairs/s: steps 2..N; from s3: steps 3..N (a compiled variant's one recompile for dynamic shapes left out)")
+    lines.append("pairs/s: steps 2..N; from s3: steps 3..N (a compiled variant's recompile at step 2, if any, left out)")
     lines.append("global batch reduced for time unless --global-batch (real: 32 pairs a step); micro-batch as configured; "
                  "memory: the largest GPU")
     lines.append("run pairs/s: with precomputed reference log-probs, the one-off pass spread over the config's epochs "

@@ -18,11 +18,13 @@ How it fits with the rest:
   sets) as a higher-order op and AOT autograd recomputes the region in backward, as eager checkpointing does.
 - bitsandbytes 0.50: its 4-bit kernels are `torch.library` custom ops with fake implementations
   (`bitsandbytes::dequantize_4bit`, `gemm_4bit`, ...), so a compiled graph calls them as opaque nodes.
-- Shapes: packed sequence lengths and the number of image tiles change every batch. Dynamo's default (automatic
-  dynamic shapes) compiles the first shapes statically and, at the first change, recompiles once with the
-  changing sizes symbolic; from then on every batch reuses that graph. No bucketing (padding would change
-  nothing in the math but cost compute); `recompile_limit` is raised so the few variants a run needs (train /
-  eval, with and without the adapters for the reference pass, static then dynamic) never fall back to eager.
+- Shapes: packed sequence lengths and the number of image tiles change every batch, so the blocks are compiled
+  with `dynamic=True`: sizes symbolic from the first call, one graph per mode (training; evaluation) instead of
+  dynamo's default of a static graph first and a dynamic one at the first new shape, a compilation that every
+  batch would make useless anyway. Parameters keep static shapes (dynamo's default), so the weights' sizes
+  stay constants in the kernels. No bucketing: padding to buckets would cost compute for nothing.
+  `recompile_limit` is raised so the few variants a run needs (train / eval, adapters on / off) never fall back to
+  eager. The reference pass before training (train.precompute_ref_logps) runs eagerly (trainer.py).
 - DDP: only the blocks are compiled, not the DDP-wrapped model, so DDP's gradient hooks are the eager ones.
 """
 
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-RECOMPILE_LIMIT = 32  # per code object: each block class sees train/eval x adapters on/off x static/dynamic
+RECOMPILE_LIMIT = 32  # per code object: each block class sees train / eval x adapters on / off
 
 
 def compile_blocks(model, backend: str = "inductor") -> int:
@@ -40,5 +42,5 @@ def compile_blocks(model, backend: str = "inductor") -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, dynamic=True)
     return len(blocks)

@@ -77,7 +77,8 @@ class SmolboxDPOTrainer(DPOTrainer):
         model.eval()
         values = {}  # batch index -> (chosen, rejected) log-probs
         first_batch_s = 0.0
-        with self.accelerator.autocast():
+        # train.compile: this one no-grad pass runs eagerly; compiling its graphs too would cost more than it saves
+        with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             for b, batch in zip(mine, loader):
                 batch = self._prepare_inputs(batch)
                 logps = dpo.reference_logps(model, batch, self.pack_pairs).float().cpu()

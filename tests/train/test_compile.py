@@ -40,7 +40,8 @@ def _trainer(tmp_path, norm_cache: bool, dora_bias: bool):
     trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trainer.model.train()
     batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in range(4)]))
-    return trainer, batch
+    other = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in (2, 1)]))  # other pairs, other sizes
+    return trainer, batch, other
 
 
 def _loss_and_grads(model, batch, beta):
@@ -53,7 +54,7 @@ def _loss_and_grads(model, batch, beta):
 @pytest.mark.parametrize("norm_cache, dora_bias", [(False, False), (True, True)],
                          ids=["compile-alone", "with-norm-cache-and-dora-bias"])
 def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path, norm_cache, dora_bias):
-    trainer, batch = _trainer(tmp_path, norm_cache, dora_bias)
+    trainer, batch, other = _trainer(tmp_path, norm_cache, dora_bias)
     model = trainer.model
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -83,3 +84,9 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path
         assert torch.count_nonzero(expected) > 0, name
         relative = (compiled_grads[name] - expected).norm() / expected.norm()
         assert relative < GRAD_TOLERANCE, f"{name}: relative gradient difference {relative:.2e}"
+
+    # Another batch: other sequence lengths, tile count and batch size reuse the dynamic-shape graphs
+    assert other["input_ids"].shape != batch["input_ids"].shape and other["pixel_values"].shape != batch["pixel_values"].shape
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _loss_and_grads(model, other, trainer.beta)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a new batch shape recompiled"
