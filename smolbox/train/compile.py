@@ -40,6 +40,10 @@ def compile_blocks(model, backend: str = "inductor") -> int:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # With dynamic=True dynamo also turns Python floats read in a block (peft's `scaling`, an addmm `alpha`) into
+    # 0-d float64 graph inputs, and inductor (torch 2.13, CPU) then fails to lower their `.item()`
+    # ("KeyError: 'unbacked_bindings'"). They are constants of the run: keep them specialized.
+    torch._dynamo.config.specialize_float = True
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for block in blocks:
         block.compile(backend=backend, dynamic=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.utils.integrations import dequantize_module_weight
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 class FusedDoraLinearVariant(DoraLinearVariant):
@@ -109,17 +110,21 @@ class DoraNormCache:
     The norm depends on the frozen base weight and on A and B only, which change when the optimizer steps: with
     gradient accumulation and gradient checkpointing every micro-batch's forward and every checkpointed recompute
     of one optimizer step would compute (dequantize W, form W + s B A, reduce) the same norm again. A forward
-    pre-hook on the whole model compares each layer's A and B (storage and in-place version counter: optimizers
-    update parameters in place, which bumps the counter; `p.data = ...` changes the storage) with the key of its
-    cached norm and recomputes what changed, with the same function (`weight_row_norm`), so the values are bit for
+    pre-hook on the whole model compares each layer's A and B (storage and in-place version counter: in-place
+    updates such as loading a checkpoint bump the counter, `p.data = ...` changes the storage) with the key of its
+    cached norm and recomputes what changed; every optimizer step (a global post-step hook of torch.optim, since
+    fused AdamW does not bump version counters) forgets all keys, with the same function (`weight_row_norm`), so the values are bit for
     bit those of the uncached forward. The hook runs outside any compiled region (train.compile compiles layers);
     the fused forward only reads the cache, and computes the norm itself when the cache is missing or in another
-    dtype than its input. Only layers with the fused forward (smolbox.train.dora) read it. A refreshed norm is
+    dtype than its input (the norm is cached in the A matrix's dtype, which peft casts the input to unless autocast
+    is on). Only layers with the fused forward (smolbox.train.dora) read it. A refreshed norm is
     written into the same tensor (`copy_`), so a compiled layer sees one tensor object and does not recompile.
     """
 
-    def __init__(self, model, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, model):
+        # Any optimizer step empties the keys: fused AdamW (`torch._fused_adamw_`, transformers' default optimizer
+        # with torch >= 2.8) updates parameters without bumping their version counters.
+        self.step_handle = register_optimizer_step_post_hook(lambda *args: self.keys.clear())
         self.layers = [m for m in model.modules() if isinstance(getattr(m, "lora_variant", None), dict)
                        and any(_reads_cache(m, v) for v in m.lora_variant.values())]
         self.keys: dict[tuple[int, str], tuple] = {}  # (layer index, adapter) -> what the cached norm was computed from
@@ -137,7 +142,8 @@ class DoraNormCache:
                 key = (a.data_ptr(), a._version, b.data_ptr(), b._version, base.data_ptr(), base._version, a.device)
                 if self.keys.get((i, adapter)) == key and adapter in cache:
                     continue
-                norm = weight_row_norm(module, adapter, self.dtype)
+                # peft casts a layer's input to its A matrix's dtype (without autocast) before the variant's forward
+                norm = weight_row_norm(module, adapter, a.dtype)
                 old = cache.get(adapter)
                 if old is not None and old.shape == norm.shape and old.device == norm.device:
                     old.copy_(norm)
@@ -148,6 +154,7 @@ class DoraNormCache:
 
     def remove(self) -> None:
         self.handle.remove()
+        self.step_handle.remove()
         self.keys.clear()
         for module in self.layers:
             module.__dict__.pop(NORM_CACHE, None)

@@ -189,8 +189,7 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
         log.info("train: fused DoRA forward on %d layers (smolbox.train.dora; layers with a bias: %s)", swapped,
                  "fused too" if cfg.adapter.fused_dora_bias else "peft's")
         if cfg.adapter.dora_norm_cache:
-            # the activations' dtype (no autocast: train.bf16 false); a layer fed another dtype computes its own norm
-            trainer.dora_norm_cache = DoraNormCache(trainer.model, getattr(torch, cfg.model.dtype))
+            trainer.dora_norm_cache = DoraNormCache(trainer.model)
             log.info("train: DoRA norms cached per optimizer step on %d layers", len(trainer.dora_norm_cache.layers))
     if t.compile:
         from .compile import compile_blocks

@@ -84,8 +84,9 @@ def test_dropout_falls_back_to_peft():
     torch.testing.assert_close(fused(x), expected)
 
 
+@pytest.mark.parametrize("fused_adamw", [False, True], ids=["adamw-foreach", "adamw-fused"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
-def test_norm_cache_gives_the_uncached_values_across_optimizer_steps(quantized):
+def test_norm_cache_gives_the_uncached_values_across_optimizer_steps(quantized, fused_adamw):
     """adapter.dora_norm_cache: two micro-batches per optimizer step, a checkpointed layer, AdamW steps in between.
     Losses and every adapter gradient are bit for bit those of the uncached fused forward, and the norms are
     recomputed once per change of the adapters, not once per forward or recompute."""
@@ -96,9 +97,11 @@ def test_norm_cache_gives_the_uncached_values_across_optimizer_steps(quantized):
     plain = _peft_model(quantized)
     use_fused_dora(plain)
     cached = copy.deepcopy(plain)
-    cache = DoraNormCache(cached, torch.float32)
+    cache = DoraNormCache(cached)
     assert len(cache.layers) == 2
-    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, cached)]
+    # fused AdamW (transformers' default with torch >= 2.8) leaves the parameters' version counters as they were
+    kind = {"fused": True} if fused_adamw else {"foreach": True}
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, **kind) for m in (plain, cached)]
     gen = torch.Generator().manual_seed(2)
     refreshed_after_step = []
     for step in range(3):
@@ -139,7 +142,7 @@ def test_norm_cache_refreshes_when_adapters_are_replaced():
 
     model = _peft_model(False)
     use_fused_dora(model)
-    cache = DoraNormCache(model, torch.float32)
+    cache = DoraNormCache(model)
     model(torch.randn(2, 64))
     layer = model.base_model.model.down_proj
     lora_B = layer.lora_B["default"].weight
@@ -172,3 +175,20 @@ def test_fused_dora_with_bias_equals_peft(quantized):
     assert grads[0].keys() == grads[2].keys() and any("magnitude" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[2][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_fused_forward_reads_the_cached_norm():
+    """The cache is what the forward divides by: doubling a cached norm in place halves that layer's DoRA scale,
+    exactly as halving its magnitude does."""
+    from smolbox.train.dora import NORM_CACHE, DoraNormCache
+
+    model = _peft_model(False)
+    use_fused_dora(model)
+    halved = copy.deepcopy(model)
+    DoraNormCache(model)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+    model(x)
+    getattr(model.base_model.model.up_proj, NORM_CACHE)["default"].mul_(2)
+    with torch.no_grad():
+        halved.base_model.model.up_proj.lora_magnitude_vector["default"].weight.mul_(0.5)
+    torch.testing.assert_close(model(x), halved(x), rtol=1e-6, atol=1e-7)
