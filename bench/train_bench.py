@@ -22,6 +22,13 @@ Variants:
   <name>:precompute / <name>:no-precompute   train.precompute_ref_logps on / off (on in default and lowmem):
                     steps without the reference forward; the one-off pass over the data is reported as
                     ref_logps_precompute_s, and pairs_per_s_with_precompute spreads it over the config's epochs
+  <name>:compile    train.compile on: torch.compile (inductor, dynamic shapes) of each SigLIP encoder / Llama
+                    decoder layer; the compilation falls in the warm-up step 1 (the reference pass runs eagerly);
+                    pairs_per_s_from_step3 also leaves out step 2, should anything recompile there
+  <name>:norm-cache adapter.dora_norm_cache on: DoRA's weight norm once per optimizer step, not per forward
+  <name>:dora-bias  adapter.fused_dora_bias on: the fused DoRA forward on the vision tower's q/k/v (they have a
+                    bias, so they take peft's ~7-pass forward otherwise)
+Modifiers combine: default:compile:dora-bias:norm-cache is all three on.
 """
 
 from __future__ import annotations
@@ -56,6 +63,11 @@ VARIANTS = {
     "lowmem-bs1-w2": ("default", {BS: 1, CKPT: True, W: 2}, 4),
     "lowmem-bs2-w2": ("default", {BS: 2, CKPT: True, W: 2}, 8),
 }
+# ":modifier" after a variant name -> (config key, value); several combine (default:compile:norm-cache).
+SWITCHES = {"peft-dora": ("adapter.fused_dora", False), "precompute": ("train.precompute_ref_logps", True),
+            "no-precompute": ("train.precompute_ref_logps", False), "unpacked": ("train.pack_pairs", False),
+            "compile": ("train.compile", True), "norm-cache": ("adapter.dora_norm_cache", True),
+            "dora-bias": ("adapter.fused_dora_bias", True)}
 RECIPE_ACCUMULATION = 4  # the recipe's 32, reduced for time; micro-batch 1 as in the recipe
 RECIPE_PAIRS = 4738  # train[:6%] of rlaif-v_formatted (../shared/RECIPE.md)
 
@@ -92,6 +104,8 @@ def _result(timer, pairs_per_step: int, extra: dict) -> dict:
     out = {
         **extra, "pairs_per_step": pairs_per_step, "step_s": steps,
         "pairs_per_s": round(pairs_per_step * len(measured) / sum(measured), 3) if measured else None,
+        # without step 2 as well: should a compiled variant recompile there, it shows as a gap between the two rates
+        "pairs_per_s_from_step3": round(pairs_per_step * len(steps[2:]) / sum(steps[2:]), 3) if steps[2:] else None,
     }
     if torch.cuda.is_available():
         out.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -158,13 +172,14 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool, glo
     from smolbox.config import load_config
     from smolbox.train import distributed, train
 
-    # Modifiers after the name: ":unpacked" (TRL's two rows per pair), ":peft-dora" (peft's DoRA forward).
+    # Modifiers after the name (SWITCHES): ":unpacked" (TRL's two rows per pair), ":peft-dora" (peft's DoRA forward), ...
     base, *modifiers = name.split("@")[0].split(":")
     packed = "unpacked" not in modifiers
     config_name, overrides, pairs = VARIANTS[base]
-    switches = {"peft-dora": ("adapter.fused_dora", False), "precompute": ("train.precompute_ref_logps", True),
-                "no-precompute": ("train.precompute_ref_logps", False), "unpacked": ("train.pack_pairs", False)}
-    overrides = {**overrides, **dict(switches[m] for m in modifiers if m in switches)}
+    unknown = [m for m in modifiers if m not in SWITCHES]
+    if unknown:
+        raise ValueError(f"unknown variant modifier(s) {unknown}; known: {sorted(SWITCHES)}")
+    overrides = {**overrides, **dict(SWITCHES[m] for m in modifiers)}
     overrides = {
         **overrides, "model.id": str(root / "model"), "data.id": str(root / "data"), "data.train_split": "train",
         "data.eval_split": None, "data.num_proc": 1, "train.max_steps": steps, "train.logging_steps": 1,
@@ -187,7 +202,8 @@ def run_smolbox(name: str, root: Path, steps: int, workdir: Path, cpu: bool, glo
         "accumulation": batch.get("accumulation"), "real_global_batch": real.global_batch_size,
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "attention": result.manifest.get("attention", {}).get("implementation"), "packed": packed,
-        "dropout": cfg.adapter.dropout, "fused_dora": cfg.adapter.fused_dora,
+        "dropout": cfg.adapter.dropout, "fused_dora": cfg.adapter.fused_dora, "compile": cfg.train.compile,
+        "dora_norm_cache": cfg.adapter.dora_norm_cache, "fused_dora_bias": cfg.adapter.fused_dora_bias,
         "ref_logps_precompute_s": result.manifest.get("ref_logps_precompute_s"), "workers": cfg.train.dataloader_num_workers,
         "path": f"smolbox.train, configs/{config_name}.yaml", "losses": [r["loss"] for r in records if "loss" in r],
         "peak_allocated_before_train_gib": round(timer.peak_before_train, 2),
@@ -242,13 +258,13 @@ def child(name: str, root: Path, steps: int, workdir: Path, cpu: bool, global_ba
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'variant':<22} {'gpus':>4} {'mb':>3} {'acc':>4} {'ckpt':>5} {'packed':>6} {'pairs/s':>8} {'alloc GiB':>9} "
+    head = (f"{'variant':<28} {'gpus':>4} {'mb':>3} {'acc':>4} {'ckpt':>5} {'packed':>6} {'pairs/s':>8} {'from s3':>8} {'alloc GiB':>9} "
             f"{'resv GiB':>8} {'x recipe':>8} {'x 1 GPU':>7} {'run pairs/s':>11} {'4738 pairs':>11}")
     base = next((r.get("pairs_per_s") for r in rows if r["variant"] == "recipe" and r.get("pairs_per_s")), None)
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['variant']:<22} ERROR {r['error'][:90]}")
+            lines.append(f"{r['variant']:<28} ERROR {r['error'][:90]}")
             continue
         ratio = f"{r['pairs_per_s'] / base:.2f}" if base and r.get("pairs_per_s") else "-"
         # scaling: against the same variant on one GPU with the same global batch, measured in this run
@@ -256,10 +272,12 @@ def table(rows: list[dict]) -> str:
                        and o["variant"].split("@")[0] == r["variant"].split("@")[0]
                        and o.get("pairs_per_step") == r.get("pairs_per_step")), None)
         scaling = f"{r['pairs_per_s'] / single:.2f}" if single and r.get("pairs_per_s") and r.get("world_size", 1) > 1 else "-"
-        lines.append(f"{r['variant']:<22} {r.get('world_size', 1):>4} {r['micro_batch']:>3} {r['accumulation']:>4} "
+        lines.append(f"{r['variant']:<28} {r.get('world_size', 1):>4} {r['micro_batch']:>3} {r['accumulation']:>4} "
                      f"{str(r['gradient_checkpointing'])[0]:>5} {str(r['packed'])[0]:>6} {r['pairs_per_s'] or 0:>8.3f} "
+                     f"{r.get('pairs_per_s_from_step3') or 0:>8.3f} "
                      f"{r.get('peak_allocated_gib', 0):>9.2f} {r.get('peak_reserved_gib', 0):>8.2f} {ratio:>8} {scaling:>7} "
                      f"{r.get('pairs_per_s_with_precompute') or '':>11} {r.get('pairs_per_s_with_precompute_recipe_data') or '':>11}")
+    lines.append("pairs/s: steps 2..N; from s3: steps 3..N (a compiled variant's recompile at step 2, if any, left out)")
     lines.append("global batch reduced for time unless --global-batch (real: 32 pairs a step); micro-batch as configured; "
                  "memory: the largest GPU")
     lines.append("run pairs/s: with precomputed reference log-probs, the one-off pass spread over the config's epochs "
@@ -270,7 +288,9 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="folder written by bench.real_shapes")
-    parser.add_argument("--variants", nargs="+", default=["recipe", "default:unpacked", "default", "lowmem"])
+    parser.add_argument("--variants", nargs="+", default=["recipe", "default:unpacked", "default", "lowmem"],
+                        help=f"recipe, or a name ({', '.join(VARIANTS)}) with optional :modifiers "
+                             f"({', '.join(SWITCHES)}) and @N for N GPUs")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is warm-up)")
     parser.add_argument("--global-batch", type=int, default=None, help="pairs a step for every smolbox variant")
     parser.add_argument("--json", type=Path, default=None)

@@ -53,6 +53,10 @@ class AdapterConfig(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Adapter dropout; 0 enables DoRA's fast path (TRL zeroes dropout anyway)")
     use_dora: bool = Field(True, description="DoRA (weight-decomposed LoRA) instead of plain LoRA")
     fused_dora: bool = Field(True, description="DoRA's forward as one GEMM epilogue and one scale (smolbox.train.dora; same function as peft's)")
+    fused_dora_bias: bool = Field(False, description="The fused DoRA forward for layers with a bias too (SigLIP's q/k/v), which otherwise take peft's "
+                                                     "(same function; smolbox.train.dora)")
+    dora_norm_cache: bool = Field(False, description="Fused DoRA: compute the detached norm ||W + sBA|| once per optimizer step (when A or B "
+                                                     "change) instead of in every forward and recompute (same values; smolbox.train.dora)")
     init_lora_weights: Literal["gaussian", "default"] = Field("gaussian", description="Initialisation of the A matrices")
     target_modules: list[str] = Field(
         default_factory=lambda: ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"],
@@ -99,6 +103,9 @@ class TrainConfig(_Section):
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the training process)")
     pack_pairs: bool = Field(True, description="Each pair as one packed row: the image encoded and the prompt computed once "
                                                "(same function as TRL's two rows per pair; sdpa/eager attention only)")
+    compile: bool = Field(False, description="torch.compile each repeated block (SigLIP encoder and Llama decoder layers) in place: "
+                                             "the same function, its elementwise ops fused (smolbox.train.compile)")
+    compile_backend: str = Field("inductor", description="torch.compile backend for train.compile (aot_eager: capture without code generation)")
     precompute_ref_logps: bool = Field(False, description="Reference log-probs in one pass before training instead of in every step (the reference is fixed: same loss)")
     seed: int = Field(42, description="Seed for weights init, data order and sampling")
     ddp_timeout_s: int = Field(

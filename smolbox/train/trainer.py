@@ -77,7 +77,8 @@ class SmolboxDPOTrainer(DPOTrainer):
         model.eval()
         values = {}  # batch index -> (chosen, rejected) log-probs
         first_batch_s = 0.0
-        with self.accelerator.autocast():
+        # train.compile: this one no-grad pass runs eagerly; compiling its graphs too would cost more than it saves
+        with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             for b, batch in zip(mine, loader):
                 batch = self._prepare_inputs(batch)
                 logps = dpo.reference_logps(model, batch, self.pack_pairs).float().cpu()
@@ -148,7 +149,7 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
     """TRL's DPOConfig and our trainer from the config; `plan` splits the global batch (default: this job's)."""
     from peft import LoraConfig
 
-    from .dora import use_fused_dora
+    from .dora import DoraNormCache, use_fused_dora
 
     t = cfg.train
     plan = plan or plan_batches(t, distributed.world().size)
@@ -184,5 +185,14 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
         processing_class=processor, peft_config=peft_config, pack_pairs=t.pack_pairs,
     )
     if cfg.adapter.use_dora and cfg.adapter.fused_dora:
-        log.info("train: fused DoRA forward on %d layers (smolbox.train.dora)", use_fused_dora(trainer.model))
+        swapped = use_fused_dora(trainer.model, with_bias=cfg.adapter.fused_dora_bias)
+        log.info("train: fused DoRA forward on %d layers (smolbox.train.dora; layers with a bias: %s)", swapped,
+                 "fused too" if cfg.adapter.fused_dora_bias else "peft's")
+        if cfg.adapter.dora_norm_cache:
+            trainer.dora_norm_cache = DoraNormCache(trainer.model)
+            log.info("train: DoRA norms cached per optimizer step on %d layers", len(trainer.dora_norm_cache.layers))
+    if t.compile:
+        from .compile import compile_blocks
+
+        log.info("train: torch.compile (%s) on %d blocks", t.compile_backend, compile_blocks(trainer.model, t.compile_backend))
     return trainer

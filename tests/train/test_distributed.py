@@ -170,3 +170,19 @@ def test_two_hosts_on_one_machine_write_one_run(runs, one_process):
     assert sorted(p.name for p in (runs / "hosts").iterdir()) == ["adapter", "checkpoints", "manifest.json", "metrics.jsonl",
                                                                    "train.log", "training.png"]
     assert_same_training(runs / "hosts", one_process)
+
+
+def test_two_processes_with_the_speed_switches_train_like_one(runs, one_process):
+    """DDP with issue #16's switches on (train.compile with aot_eager, as on CPU in tests/train/test_compile.py;
+    adapter.fused_dora_bias; adapter.dora_norm_cache; gradient checkpointing): DDP's gradient hooks are the eager
+    ones around compiled blocks, and the two processes train the one-process run of the switches off, to the
+    rounding those switches bring through bitsandbytes' 4-bit CPU kernels (tests/train/test_stage.py)."""
+    switches = ["--train.compile", "true", "--train.compile_backend", "aot_eager", "--adapter.fused_dora_bias", "true",
+                "--adapter.dora_norm_cache", "true", "--train.gradient_checkpointing", "true"]
+    run(standalone(2, runs, "two-switches") + switches, runs / "two-switches.log")
+    log = (runs / "two-switches" / "train.log").read_text()
+    assert "torch.compile (aot_eager) on" in log and "DoRA norms cached" in log
+    ours, theirs = losses(runs / "two-switches"), losses(one_process)
+    assert [s for s, _ in ours] == [s for s, _ in theirs] == list(range(1, STEPS + 1))
+    for (_, a), (_, b) in zip(ours, theirs):
+        assert abs(a - b) <= 1e-3 * abs(b), (ours, theirs)
