@@ -5,6 +5,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 if [ ! -f /tmp/site/.ok ] && [ -f .devcarry/site.tar.xz ]; then
   mkdir -p /tmp/site && tar -xJf .devcarry/site.tar.xz -C /tmp/site && touch /tmp/site/.ok
 fi
+if [ ! -f /tmp/site/.whl-ok ] && ls .whl/*.whl >/dev/null 2>&1; then  # the serving stack: fastapi, starlette, uvicorn,
+  # h11, click, anyio, sniffio, opentelemetry-api (fastapi imports it), carried in an ignored .whl/ (docs/notes.md)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.whl-ok
+fi
 export PYTHONPATH=/tmp/site:$PWD
 mkdir -p /tmp/ortparts
 for p in .devcarry/ort.part*; do [ -f "$p" ] && cp "$p" /tmp/ortparts/; done
