@@ -87,7 +87,8 @@ def test_sigmoid_loss_matches_the_formula():
 
 
 def test_trl_config_defaults_we_rely_on():
-    args = DPOConfig(output_dir="unused", use_cpu=True, bf16=False)
+    # activation_checkpointing, as smolbox's trainer passes it: TRL's default sets transformers 5.23's old name, which warns
+    args = DPOConfig(output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=True)
     assert args.loss_type == ["sigmoid"] and args.f_divergence_type == "reverse_kl"
     assert args.ld_alpha is None and not args.use_weighting
 
