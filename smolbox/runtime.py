@@ -157,7 +157,7 @@ class OnnxVLM:
         session, types = self.sessions[graph], self.input_types[graph]
         binding = session.io_binding()
         for name, value in feeds.items():
-            _bind_input(binding, name, value, types[name])
+            bind_input(binding, name, value, types[name])
         binding.bind_output(session.get_outputs()[0].name, self.device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
@@ -194,7 +194,7 @@ class OnnxVLM:
         binding = session.io_binding()
         # A decode step is launch-bound on the GPU (docs/notes.md): keep the Python around it lean.
         for name, value in (*feeds.items(), *past.items()):  # host arrays: the step's feeds, the empty first cache
-            _bind_input(binding, name, value, types[name])
+            bind_input(binding, name, value, types[name])
         binding.bind_output("logits", "cpu")
         for name in self.output_names[1:]:
             binding.bind_output(name, self.device)
@@ -248,7 +248,7 @@ class OnnxVLM:
             return session.run(None, feeds)[0]
         binding = session.io_binding()
         for key, value in feeds.items():
-            _bind_input(binding, key, value)
+            bind_input(binding, key, value)
         binding.bind_output("y", self.device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
@@ -294,7 +294,7 @@ class OnnxVLM:
         return np.stack(generated, axis=1)
 
 
-def _bind_input(binding, name: str, value, dtype=None) -> None:
+def bind_input(binding, name: str, value, dtype=None) -> None:
     """A host array (in `dtype`, the graph's, when given) is copied to the device by onnxruntime; an OrtValue
     already there is used in place."""
     if isinstance(value, np.ndarray):

@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import ORT_TO_NUMPY, PAST, PRESENT, graph_path
-from ..runtime import CUDA_OPTIONS, OnnxVLM, default_providers
+from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers
 
 log = logging.getLogger("smolbox.serve")
 
@@ -239,7 +239,7 @@ class SlotVLM(OnnxVLM):
 
         session = self.sessions["decoder_model_merged"]
         binding = session.io_binding()
-        self._bind_input_value(binding, "inputs_embeds", embeds)
+        bind_input(binding, "inputs_embeds", embeds, self.input_types["decoder_model_merged"]["inputs_embeds"])
         binding.bind_cpu_input("seqlens_k", seqlens)
         binding.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows the order of binding
@@ -249,12 +249,6 @@ class SlotVLM(OnnxVLM):
             options.add_run_config_entry("gpu_graph_id", "-1")  # prefill: shapes vary, never captured
         session.run_with_iobinding(binding, options)
         return binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
-
-    def _bind_input_value(self, binding, name, value) -> None:
-        if isinstance(value, np.ndarray):
-            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.input_types["decoder_model_merged"][name]))
-        else:
-            binding.bind_ortvalue_input(name, value)
 
     def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, image_features=None) -> SlotStep:
         """Each row (left padding dropped) into a free slot of its own, one at a time."""
@@ -295,8 +289,8 @@ class SlotVLM(OnnxVLM):
         ids[step.slots] = tokens
         # Tokens so far per slot (the new one appends there); a slot of no row is written at 0 if free, at its
         # next position otherwise (which its own next step overwrites before reading).
+        # (A free slot's length is 0: _free resets it.)
         seqlens = np.where(self.lengths[:count] < self.capacity, self.lengths[:count], 0).astype(np.int32)
-        seqlens[[s for s in range(count) if s in self.free]] = 0
         if self.cuda_graph:
             logits = self._graph_step(count, ids, seqlens)
         else:
@@ -386,14 +380,13 @@ def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
         path = graph_path(folder, "decoder_model_merged", variant)
         try:
             derived = derive(onnx.load(str(path), load_external_data=False))
-        except NotDerivable as exc:
-            log.info("serve: %s keeps the published decoder (no KV slots): %s", path.name, exc)
-        else:
             if "CUDAExecutionProvider" in (providers or default_providers()) and not derived.half:
                 # onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only (docs/notes.md): an fp32 one would run on
                 # the CPU, the whole cache copied there and back every step.
-                log.info("serve: %s keeps the published decoder (no KV slots): fp32 caches on CUDA", path.name)
-                return OnnxVLM(folder, variant, providers=providers, session_config=serve.ort_session_config)
+                raise NotDerivable("fp32 caches on CUDA")
+        except NotDerivable as exc:
+            log.info("serve: %s keeps the published decoder (no KV slots): %s", path.name, exc)
+        else:
             capacity = serve.kv_capacity_tokens or serve.max_prompt_tokens + serve.max_tokens_limit
             model = SlotVLM(folder, variant, derived, serve.max_batch_size, capacity, providers,
                             serve.ort_session_config, cuda_graph=serve.cuda_graph)
