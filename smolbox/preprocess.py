@@ -126,7 +126,7 @@ class Preprocessor:
         ids = np.array([self.tokenizer.encode("".join(expanded)).ids], dtype=np.int64)
         encoded = Encoded(ids, np.ones_like(ids), None, None, tuple(counts))
         if tiles:
-            batch = _pad_images([tiles])
+            batch = pad_images([tiles])
             encoded.pixel_values, encoded.pixel_attention_mask = batch["pixel_values"], batch["pixel_attention_mask"]
         return encoded
 
@@ -215,11 +215,11 @@ def pad_batch(encodings: list[Encoded], pad_token_id: int) -> dict[str, np.ndarr
     if any(e.pixel_values is not None for e in encodings):
         images = [[] if e.pixel_values is None else list(e.pixel_values[0]) for e in encodings]
         masks = [[] if e.pixel_attention_mask is None else list(e.pixel_attention_mask[0]) for e in encodings]
-        batch.update(_pad_images(images, masks))
+        batch.update(pad_images(images, masks))
     return batch
 
 
-def _pad_images(images: list[list[np.ndarray]], masks: list[list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+def pad_images(images: list[list[np.ndarray]], masks: list[list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """[B, N, C, H, W] zeros padded to the most images and the largest H, W; the mask says which pixels are real."""
     all_images = [image for row in images for image in row]
     channels = all_images[0].shape[0]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..config import ServeConfig
-from ..preprocess import Encoded
+from ..preprocess import Encoded, pad_images
 
 if TYPE_CHECKING:
     from .engine import GenRequest
@@ -123,17 +123,8 @@ def image_parts(encoded: Encoded, identity: bytes) -> list[tuple[bytes, np.ndarr
 def stack_tiles(tiles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Tiles of several images ([n, 3, h, w] each) as one vision-encoder input [1, N, 3, H, W], each zero-padded to
     the largest height and width, and the mask of its real pixels [1, N, H, W]."""
-    count = sum(t.shape[0] for t in tiles)
-    height, width = max(t.shape[2] for t in tiles), max(t.shape[3] for t in tiles)
-    pixel_values = np.zeros((1, count, tiles[0].shape[1], height, width), dtype=tiles[0].dtype)
-    mask = np.zeros((1, count, height, width), dtype=bool)
-    start = 0
-    for t in tiles:
-        n, _, h, w = t.shape
-        pixel_values[0, start:start + n, :, :h, :w] = t
-        mask[0, start:start + n, :h, :w] = True
-        start += n
-    return pixel_values, mask
+    batch = pad_images([[tile for image in tiles for tile in image]])
+    return batch["pixel_values"], batch["pixel_attention_mask"]
 
 
 class ImageCache:
