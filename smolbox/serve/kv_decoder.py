@@ -22,8 +22,10 @@ On CUDA the decode step can run as a CUDA graph (`SlotVLM.cuda_graph`), one per 
 powers of two below the slot count and the slot count itself, and a step over the slots 0 .. highest row's runs the
 smallest bucket that holds them (slots are taken lowest first, so one row runs bucket 1, not every slot). Slots are
 slot-major in every layer's buffer, so a bucket of k binds the first k slots of the same memory with shape [k, ...]
-(no copy); each bucket has its own fixed input/output buffers and its own `gpu_graph_id` (the bucket size), which
-onnxruntime captures on the bucket's first runs (after its warm-up runs) and replays from then on. Capacity is fixed.
+(no copy); each bucket has its own fixed input/output buffers and its own `gpu_graph_id` (the bucket size). Every
+bucket's graph is captured when the model loads (`capture_graphs`: each bucket's step run a few times, as onnxruntime
+captures an id only after regular runs of it), so no capture falls inside a request; later steps replay. Capacity is
+fixed.
 
 No torch here: the serving image runs this module.
 """
@@ -44,6 +46,9 @@ from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers
 log = logging.getLogger("smolbox.serve")
 
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"  # onnxruntime session config key
+# Runs of each graph id at load: onnxruntime's CUDA provider wants regular runs of an id before it captures it (1 or 2,
+# by version: memory is allocated first), and its session may itself repeat a run until captured; later runs replay.
+GRAPH_CAPTURE_RUNS = 3
 MS = "com.microsoft"
 
 
@@ -202,7 +207,9 @@ class SlotVLM(OnnxVLM):
         self.free = set(range(slots))
         # CUDA-graph batch buckets: powers of two below the slot count, and the slot count
         self.buckets = sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
-        self._graphs: dict[int, dict] = {}  # bucket -> its fixed-buffer binding, made on the bucket's first step
+        self._graphs: dict[int, dict] = {}  # bucket -> its fixed-buffer binding, made by capture_graphs at load
+        if self.cuda_graph:
+            self.capture_graphs()
 
     def _session(self, graph: str, options, providers):
         if graph != "decoder_model_merged":
@@ -325,6 +332,27 @@ class SlotVLM(OnnxVLM):
     def bucket(self, count: int) -> int:
         """The smallest CUDA-graph batch bucket of at least `count` slots."""
         return next(b for b in self.buckets if b >= count)
+
+    def capture_graphs(self, runs: int = GRAPH_CAPTURE_RUNS) -> float:
+        """Every bucket's decode step, `runs` times each, so that onnxruntime captures each bucket's graph now (at
+        load) rather than on the first step that needs it, inside a request's time. The steps decode a pad token in
+        every slot of the bucket at the slot's current length; lengths and free slots are left as they were (a slot's
+        next position is written by its own next step before it is read, and a prefill writes a slot from position 0).
+        Run it on the thread that decodes: onnxruntime's CUDA provider has kept captured graphs per thread. Returns
+        the seconds it took (also logged); on the CPU (no graph) it does nothing."""
+        if not self.cuda_graph:
+            return 0.0
+        import time
+
+        started = time.perf_counter()
+        for bucket in self.buckets:
+            ids = np.full(bucket, self.pad_token_id, np.int64)
+            seqlens = np.where(self.lengths[:bucket] < self.capacity, self.lengths[:bucket], 0).astype(np.int32)
+            for _ in range(runs):
+                self._graph_step(bucket, ids, seqlens)
+        took = time.perf_counter() - started
+        log.info("serve: CUDA graphs of the decode step captured for batch buckets %s in %.2f s", self.buckets, took)
+        return took
 
     def _graph_step(self, bucket: int, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
         """The decode step over slots 0 .. bucket-1 as the bucket's CUDA graph: token ids and lengths are copied into

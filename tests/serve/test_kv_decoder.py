@@ -209,3 +209,30 @@ def test_every_variant_derives(other_variants, pair, variant):
         real = pair["attention_mask"][0] == 1
         inputs = {k: v[:1][:, real] if k in ("input_ids", "attention_mask") else v[:1] for k, v in pair.items()}
     assert greedy(model, inputs).tolist() == greedy(OnnxVLM(other_variants, variant, providers=CPU), inputs).tolist()
+
+
+def test_capturing_every_bucket_graph_leaves_the_slots_and_the_tokens_as_they_were(random_export, pair):
+    """capture_graphs (run at load on CUDA) steps every batch bucket a few times: on the CPU without a graph it does
+    nothing; on the graph path (run here on the CPU) it makes every bucket's fixed binding, and neither at load nor in
+    the middle of a generation does it change lengths, free slots or the greedy tokens."""
+    plain = slots(random_export, "fp32")
+    assert plain.capture_graphs() == 0.0 and plain._graphs == {}
+    expected = greedy(plain, pair)
+    graph = slots(random_export, "fp32")
+    graph.cuda_graph = True
+    graph.capture_graphs()
+    assert set(graph._graphs) == set(graph.buckets) == {1, 2, 3}
+    assert graph.free == {0, 1, 2} and not graph.lengths.any()
+    assert greedy(graph, pair).tolist() == expected.tolist()
+    # mid-generation: both rows hold tokens when the buckets run again
+    step = graph.prefill(pair["input_ids"], pair["attention_mask"], pair["pixel_values"], pair["pixel_attention_mask"])
+    tokens = [step.logits.argmax(-1).astype(np.int64)]
+    for t in range(1, STEPS):
+        step = graph.decode(step, tokens[-1])
+        if t == 4:
+            lengths, free = graph.lengths.copy(), set(graph.free)
+            graph.capture_graphs()
+            assert graph.lengths.tolist() == lengths.tolist() and graph.free == free
+        tokens.append(step.logits.argmax(-1).astype(np.int64))
+    graph.release(step)
+    assert np.stack(tokens, axis=1).tolist() == expected.tolist()
