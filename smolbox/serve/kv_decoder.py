@@ -6,17 +6,20 @@ and a request joining or leaving a running batch copies it again (padding surger
 Shapes change every step, so CUDA graphs cannot replay it (docs/benchmarks.md, "What stands in the way of the
 serving targets"). onnxruntime's com.microsoft GroupQueryAttention appends to a buffer of fixed capacity in place
 when the same memory is bound as its past input and its present output, and tells rows of different lengths apart
-by `seqlens_k` (tokens so far - 1, per row). A row owns one slot of that buffer: joining is a prefill of batch 1
-into a free slot, leaving frees the slot, and nothing is copied.
+by `seqlens_k` (tokens so far - 1, per row). A row owns one slot of that buffer: joining is a prefill into a free
+slot, leaving frees the slot, and nothing is copied.
 
 The export folder stays as it is (users and transformers.js load decoder_model_merged*.onnx): the server derives
 this form from the fused graph when it loads, by graph surgery over the ModelProto (`derive`): per layer the
 q|k|v projection's output (MatMul, MatMulNBits or int8's dequantized product: whatever feeds the Split) becomes
 GroupQueryAttention's packed input, Split / RotaryEmbedding / MultiHeadAttention and the additive mask go, rotary
 happens inside (do_rotary=1, the graph's own cos/sin tables), and `seqlens_k` / `total_sequence_length` replace
-`attention_mask` / `position_ids`. Prefill runs one row at a time (no padding), so the fused graph's head, which
-keeps only the last position, gives each row's logits. A decoder that cannot be derived (a traced one) keeps
-today's runtime; `load_runtime` logs why.
+`attention_mask` / `position_ids`. The fused graph's head keeps only the last position; here an input `last_index`
+says which position per row (GatherND), so several newcomers prefill in one call: the rows whose free slots are
+consecutive bind as one view and go right-padded to the longest, each row from position 0 of its slot (a batch of
+prompts is GroupQueryAttention's first-prompt case: total_sequence_length = the padded length, `seqlens_k` = each
+row's length - 1), and take their logits at their own last token; a decode step binds 0. A decoder that cannot be
+derived (a traced one) keeps today's runtime; `load_runtime` logs why.
 
 On CUDA the decode step can run as a CUDA graph (`SlotVLM.cuda_graph`), one per batch bucket: the buckets are the
 powers of two below the slot count and the slot count itself, and a step over the slots 0 .. highest row's runs the
@@ -49,7 +52,9 @@ EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"  #
 # Runs of each graph id at load: onnxruntime's CUDA provider wants regular runs of an id before it captures it (1 or 2,
 # by version: memory is allocated first), and its session may itself repeat a run until captured; later runs replay.
 GRAPH_CAPTURE_RUNS = 3
+PREFILL_SCRATCH_BYTES = 2**30  # CPU: attention scores one batched prefill call may hold (SlotVLM._prefill_calls)
 MS = "com.microsoft"
+LAST_INDEX = "last_index"  # derived decoder input: per row, the position whose logits to return (0 in a decode step)
 
 
 class NotDerivable(ValueError):
@@ -118,6 +123,7 @@ def derive(model: onnx.ModelProto) -> Derived:
             list(node.output[:3]), name=node.name, domain=MS, **attrs)
         dropped.update(id(n) for n in (split, rotary_q, rotary_k))
     nodes = [replaced.get(n.name, n) if n.op_type == "MultiHeadAttention" else n for n in graph.node if id(n) not in dropped]
+    nodes = _gather_last(nodes, producer, initializers, graph)
     nodes = _live(nodes, {o.name for o in graph.output})
     used = {name for n in nodes for name in n.input}
     for name in ("attention_mask", "position_ids"):
@@ -127,7 +133,8 @@ def derive(model: onnx.ModelProto) -> Derived:
     graph.node.extend(nodes)
     inputs = [i for i in graph.input if i.name not in ("attention_mask", "position_ids")]
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
-               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+               helper.make_tensor_value_info(LAST_INDEX, TensorProto.INT64, ["batch_size"])]
     del graph.input[:]
     graph.input.extend(inputs)
     for value in [*graph.input, *graph.output]:  # past and present are the same buffer: its capacity
@@ -143,6 +150,33 @@ def derive(model: onnx.ModelProto) -> Derived:
     graph.value_info.extend(value_info)
     half = next(iter(past_types.values())).elem_type == TensorProto.FLOAT16
     return Derived(model, len(attention), heads, head_dim, positions, half)
+
+
+def _gather_last(nodes: list, producer: dict, initializers: dict, graph) -> list:
+    """The fused graph keeps each row's last position (`Slice` [-1:] of the last layer's output and residual, before
+    the final norm and the head), which is each row's newest token when rows are left-padded or alone. Here each
+    row's position comes from the input `last_index` instead (GatherND, batch_dims=1): a prefill of right-padded rows
+    of different lengths gives each row's logits at its own last token, and a decode step (one position) binds 0."""
+    head = [n for n in nodes if n.op_type == "SkipSimplifiedLayerNormalization" and n.domain == MS
+            and all(producer.get(i) is not None and producer[i].op_type == "Slice" for i in n.input[:2])]
+    if len(head) != 1:
+        raise NotDerivable("no final norm over two last-position Slices")
+    slices = {id(producer[i]): producer[i] for i in head[0].input[:2]}
+    for node in slices.values():
+        bounds = [numpy_helper.to_array(initializers[i]).tolist() if i in initializers else None for i in node.input[1:4]]
+        if bounds[0] != [-1] or bounds[2] != [1]:
+            raise NotDerivable(f"{node.name}: not the last position of axis 1")
+    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "last_index.axis1"))
+    index = helper.make_node("Unsqueeze", [LAST_INDEX, "last_index.axis1"], ["last_index.nd"], name="last_index.nd")
+    out = [index]
+    for node in nodes:
+        if id(node) not in slices:
+            out.append(node)
+            continue
+        gathered = node.output[0] + ".gathered"
+        out += [helper.make_node("GatherND", [node.input[0], "last_index.nd"], [gathered], name=node.name + ".gather", batch_dims=1),
+                helper.make_node("Unsqueeze", [gathered, "last_index.axis1"], [node.output[0]], name=node.name + ".unsqueeze")]
+    return out
 
 
 def _attrs(node) -> dict:
@@ -178,8 +212,8 @@ class SlotVLM(OnnxVLM):
     written); on CUDA zeroed device memory, all of it allocated at load."""
 
     def __init__(self, folder, variant: str, derived: Derived, slots: int, capacity: int, providers=None,
-                 session_config: dict[str, str] | None = None, cuda_graph: bool = True):
-        self.derived, self.slots = derived, slots
+                 session_config: dict[str, str] | None = None, cuda_graph: bool = True, batch_prefill: bool = True):
+        self.derived, self.slots, self.batch_prefill = derived, slots, batch_prefill
         self.capacity = min(capacity, derived.positions)
         self.want_cuda_graph = cuda_graph
         self.cuda_graph = False
@@ -241,14 +275,21 @@ class SlotVLM(OnnxVLM):
             binding.bind_input(name, device, 0, self.cache_dtype, shape, pointer)
             binding.bind_output(name.replace(PAST, PRESENT), device, 0, self.cache_dtype, shape, pointer)
 
-    def _run_decoder(self, embeds, seqlens: np.ndarray, first: int) -> np.ndarray:
+    def _run_decoder(self, embeds, seqlens: np.ndarray, first: int, last: np.ndarray | None = None) -> np.ndarray:
+        """One decoder call over slots first .. first+len(seqlens)-1: a decode step (one position, `last` None) or a
+        prefill of right-padded prompts into empty slots (`seqlens` = lengths - 1, `last` the same: each row's logits
+        at its own last token). Returns [rows, vocab] float32."""
         import onnxruntime as ort
 
         session = self.sessions["decoder_model_merged"]
         binding = session.io_binding()
         bind_input(binding, "inputs_embeds", embeds, self.input_types["decoder_model_merged"]["inputs_embeds"])
         binding.bind_cpu_input("seqlens_k", seqlens)
-        binding.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
+        # A prompt (several positions) must give the padded length: GroupQueryAttention takes sequence length ==
+        # total_sequence_length as a first prompt, where each row starts at position 0 of its slot.
+        total = embeds.shape[1] if embeds.shape[1] > 1 else seqlens.max() + 1
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        binding.bind_cpu_input(LAST_INDEX, np.zeros(len(seqlens), np.int64) if last is None else last.astype(np.int64))
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows the order of binding
         self._bind_slots(binding, first, len(seqlens))
         options = ort.RunOptions()
@@ -258,7 +299,11 @@ class SlotVLM(OnnxVLM):
         return binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
 
     def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, image_features=None) -> SlotStep:
-        """Each row (left padding dropped) into a free slot of its own, one at a time."""
+        """Each row (left padding dropped) into a free slot of its own (the lowest free ones, in row order). Rows whose
+        slots are consecutive go in one decoder call, right-padded to the run's longest prompt: GroupQueryAttention
+        places each row's tokens from position 0 of its slot and is causal, so padding after a row's last token does
+        not change that row, and `last_index` picks each row's logits at its own last token. The padding positions'
+        keys and values land in the slot past its length, where the row's next steps overwrite them before reading."""
         rows = input_ids.shape[0]
         if rows > len(self.free):
             raise RuntimeError(f"{rows} requests for {len(self.free)} free KV slots")
@@ -269,20 +314,43 @@ class SlotVLM(OnnxVLM):
         embeds = self.embed(np.asarray(input_ids), pixel_values, pixel_attention_mask, image_features)
         if not isinstance(embeds, np.ndarray):
             embeds = embeds.numpy()  # rows are cut on the host; onnxruntime copies each back for its prefill
-        taken, logits = [], []
+        taken = sorted(self.free)[:rows]
+        self.free.difference_update(taken)
+        logits = []
         try:
-            for row in range(rows):
-                slot = min(self.free)
-                self.free.discard(slot)
-                taken.append(slot)
-                length = int(lengths[row])
-                row_embeds = embeds[row:row + 1][:, attention_mask[row]]
-                logits.append(self._run_decoder(row_embeds, np.array([length - 1], np.int32), slot)[0])
-                self.lengths[slot] = length
+            for start, stop in self._prefill_calls(taken, lengths):
+                count, longest = stop - start, int(lengths[start:stop].max())
+                run = np.zeros((count, longest, embeds.shape[-1]), embeds.dtype)
+                for i, row in enumerate(range(start, stop)):
+                    run[i, :lengths[row]] = embeds[row, attention_mask[row]]
+                last = (lengths[start:stop] - 1).astype(np.int32)
+                logits.append(self._run_decoder(run, last, taken[start], last))
+                self.lengths[taken[start:stop]] = lengths[start:stop]
         except Exception:
             self._free(taken)
             raise
-        return SlotStep(np.stack(logits), taken)
+        return SlotStep(np.concatenate(logits), taken)
+
+    def _prefill_calls(self, taken: list[int], lengths: np.ndarray) -> list[tuple[int, int]]:
+        """(start, stop) row ranges, one decoder call each: runs of consecutive slots (one row each without
+        batch_prefill). On the CPU, GroupQueryAttention holds rows x heads x padded length x slot capacity float32
+        scores at once, so a run is cut where that would pass PREFILL_SCRATCH_BYTES (a row always goes)."""
+        if not self.batch_prefill:
+            return [(i, i + 1) for i in range(len(taken))]
+
+        def fits(start: int, stop: int) -> bool:
+            scores = (stop - start) * self.derived.heads * int(lengths[start:stop].max()) * self.capacity * 4
+            return self.on_cuda or scores <= PREFILL_SCRATCH_BYTES
+
+        calls = []
+        for start, stop in _runs(taken):
+            while start < stop:
+                end = start + 1
+                while end < stop and fits(start, end + 1):
+                    end += 1
+                calls.append((start, end))
+                start = end
+        return calls
 
     def decode(self, step: SlotStep, tokens: np.ndarray) -> SlotStep:
         """One token for every row of `step`: one decoder call over the slots 0 .. highest row's (with a CUDA graph,
@@ -386,6 +454,7 @@ class SlotVLM(OnnxVLM):
              # GroupQueryAttention reads total_sequence_length on the host, so a replay keeps the captured value: the
              # capacity, which is right for every step (the rows' lengths come from seqlens_k; docs/notes.md).
              "total": ort.OrtValue.ortvalue_from_numpy(np.array(self.capacity, np.int32)),
+             "last": ort.OrtValue.ortvalue_from_numpy(np.zeros(n, np.int64), device, 0),  # one position: index 0
              "logits": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, self.vocab_size), np.float32, device, 0)}
         g["embed_binding"] = embed.io_binding()
         g["embed_binding"].bind_ortvalue_input("input_ids", g["ids"])
@@ -394,11 +463,22 @@ class SlotVLM(OnnxVLM):
         binding.bind_ortvalue_input("inputs_embeds", g["embeds"])
         binding.bind_ortvalue_input("seqlens_k", g["seqlens"])
         binding.bind_ortvalue_input("total_sequence_length", g["total"])
+        binding.bind_ortvalue_input(LAST_INDEX, g["last"])
         self._bind_slots(binding, 0, n)
         binding.bind_ortvalue_output("logits", g["logits"])
         g["options"] = ort.RunOptions()
         g["options"].add_run_config_entry("gpu_graph_id", str(n))
         return g
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) index ranges of `slots` (ascending) whose slots are consecutive: each binds as one [k, ...] view."""
+    runs, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i))
+            start = i
+    return runs
 
 
 def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
@@ -417,7 +497,7 @@ def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
         else:
             capacity = serve.kv_capacity_tokens or serve.max_prompt_tokens + serve.max_tokens_limit
             model = SlotVLM(folder, variant, derived, serve.max_batch_size, capacity, providers,
-                            serve.ort_session_config, cuda_graph=serve.cuda_graph)
+                            serve.ort_session_config, cuda_graph=serve.cuda_graph, batch_prefill=serve.batch_prefill)
             log.info("serve: decoder with %d KV slots of %d tokens (GroupQueryAttention, %.2f GiB of cache)%s", model.slots,
                      model.capacity, model.slot_bytes * model.slots * len(model.cache_names) / 2**30,
                      ", decode step as a CUDA graph" if model.cuda_graph else "")

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from smolbox.config import ConfigError, load_config
 from smolbox.onnx_layout import graph_path
 from smolbox.runtime import OnnxVLM
-from smolbox.serve.kv_decoder import NotDerivable, SlotVLM, derive, load_runtime
+from smolbox.serve.kv_decoder import NotDerivable, SlotVLM, _runs, derive, load_runtime
 from tests.prompts import left_padded_batch
 
 CPU = ["CPUExecutionProvider"]
@@ -236,3 +236,108 @@ def test_capturing_every_bucket_graph_leaves_the_slots_and_the_tokens_as_they_we
         tokens.append(step.logits.argmax(-1).astype(np.int64))
     graph.release(step)
     assert np.stack(tokens, axis=1).tolist() == expected.tolist()
+
+
+@pytest.fixture(scope="module")
+def texts(processor):
+    """Three text prompts of different lengths, left-padded into one batch (numpy)."""
+    prompts = ["Hi?", "Tell me a story about a red square and a green circle.", "Why is the sky blue, in two words?"]
+    chats = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": t}]}], add_generation_prompt=True)
+             for t in prompts]
+    batch = processor(text=chats, padding=True, padding_side="left", return_tensors="np")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def one_at_a_time(model, inputs, steps=STEPS):
+    """Each row prefilled alone (its own decoder call) and decoded alone: (first-step logits, greedy tokens) per row."""
+    logits, tokens = [], []
+    for i in range(inputs["input_ids"].shape[0]):
+        row = {k: v[i:i + 1] for k, v in inputs.items()}
+        step = model.prefill(row["input_ids"], row["attention_mask"], row.get("pixel_values"), row.get("pixel_attention_mask"))
+        logits.append(step.logits[0])
+        model.release(step)
+        tokens.append(greedy(model, row, steps)[0].tolist())
+    return np.stack(logits), tokens
+
+
+@pytest.mark.parametrize("variant", ["fp32", "q4"])
+@pytest.mark.parametrize("prompts", ["pair", "texts"])
+def test_newcomers_prefill_in_one_call_as_one_row_at_a_time(random_export, request, variant, prompts):
+    """Rows of different lengths (with images: the pair; without: three texts) prefilled together go into
+    consecutive slots in one decoder call, right-padded; each row's logits and greedy tokens equal those of the row
+    prefilled alone, and for fp32 PyTorch's greedy generate."""
+    inputs = request.getfixturevalue(prompts)
+    model = slots(random_export, variant)
+    calls = []
+    run = model._run_decoder
+    model._run_decoder = lambda embeds, *a: calls.append(embeds.shape[:2]) or run(embeds, *a)
+    step = model.prefill(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), inputs.get("pixel_attention_mask"))
+    rows = inputs["input_ids"].shape[0]
+    lengths = inputs["attention_mask"].sum(axis=1)
+    assert calls == [(rows, lengths.max())] and step.slots == list(range(rows))
+    assert model.lengths[:rows].tolist() == lengths.tolist()
+    model.release(step)
+    model._run_decoder = run
+    together = greedy(model, inputs)
+    alone_logits, alone_tokens = one_at_a_time(model, inputs)
+    np.testing.assert_allclose(step.logits, alone_logits, rtol=1e-4, atol=1e-4)
+    assert together.tolist() == alone_tokens
+    assert model.free == set(range(3))
+    if variant == "fp32":
+        torch_model = AutoModelForImageTextToText.from_pretrained(random_export, dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = torch_model.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, max_new_tokens=STEPS,
+                                       do_sample=False, min_new_tokens=STEPS)
+        assert together.tolist() == out[:, inputs["input_ids"].shape[1]:].numpy().tolist()
+
+
+def test_newcomers_in_slots_that_are_not_consecutive_prefill_in_runs(random_export, texts):
+    """Slot 1 is busy (its row decodes on) while slots 0 and 2 are free: two newcomers take them in two calls (one per
+    run of consecutive slots), and every row's tokens equal those it gets alone."""
+    assert _runs([0, 2, 3, 4, 7]) == [(0, 1), (1, 4), (4, 5)]
+    model = slots(random_export, "fp32")
+    _, alone = one_at_a_time(model, texts)
+    first = model.prefill(texts["input_ids"][:2], texts["attention_mask"][:2])  # rows 0, 1 -> slots 0, 1
+    produced = {0: [], 1: [], 2: []}
+    tokens = first.logits.argmax(-1).astype(np.int64)
+    for row, token in zip((0, 1), tokens):
+        produced[row].append(int(token))
+    step = model.select(first, [1])  # row 0 leaves after one token: slot 0 free, slot 1 busy, slot 2 free
+    assert model.free == {0, 2}
+    step = model.decode(step, tokens[[1]])
+    calls = []
+    run = model._run_decoder
+    model._run_decoder = lambda embeds, seqlens, first_slot, *a: calls.append(first_slot) or run(embeds, seqlens, first_slot, *a)
+    joined = model.prefill(texts["input_ids"][[0, 2]], texts["attention_mask"][[0, 2]])  # row 0 again, and row 2
+    model._run_decoder = run
+    assert joined.slots == [0, 2] and calls == [0, 2]
+    step, owners = model.merge(step, joined), [1, 0, 2]
+    produced[0] = []
+    while True:
+        tokens = step.logits.argmax(-1).astype(np.int64)
+        for i, owner in enumerate(owners):
+            produced[owner].append(int(tokens[i]))
+        if all(len(produced[o]) >= STEPS for o in owners):
+            break
+        step = model.decode(step, tokens)
+    model.release(step)
+    assert [produced[r][:STEPS] for r in range(3)] == alone
+    assert model.free == {0, 1, 2}
+
+
+def test_one_call_per_newcomer_without_batch_prefill_or_past_the_cpu_scratch_budget(random_export, texts, monkeypatch):
+    """serve.batch_prefill=false prefills each newcomer in a call of its own, and so does the CPU when a batched
+    call's attention scores would pass PREFILL_SCRATCH_BYTES; the tokens are those of the batched call."""
+    from smolbox.serve import kv_decoder
+
+    model = slots(random_export, "fp32")
+    expected = greedy(model, texts)
+    lengths = texts["attention_mask"].sum(axis=1)
+    assert model._prefill_calls([0, 1, 2], lengths) == [(0, 3)]
+    single = load_runtime(random_export, "fp32", serve_config(random_export, batch_prefill=False), CPU)
+    assert single._prefill_calls([0, 1, 2], lengths) == [(0, 1), (1, 2), (2, 3)]
+    assert greedy(single, texts).tolist() == expected.tolist()
+    per_row = model.derived.heads * model.capacity * 4
+    monkeypatch.setattr(kv_decoder, "PREFILL_SCRATCH_BYTES", 2 * per_row * int(lengths.min()) - 1)  # never two rows
+    assert model._prefill_calls([0, 1, 2], lengths) == [(0, 1), (1, 2), (2, 3)]
+    assert greedy(model, texts).tolist() == expected.tolist()
