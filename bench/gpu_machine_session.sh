@@ -25,6 +25,11 @@
 #                                          then HTTP at 32 clients x 256 tokens, the published decoder and the slot one
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
+#   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
+#                                          prefill: bench/kv_slots_bench.py, then HTTP 32 clients x 256 tokens, 20 s
+#                                          each, the published decoder without image cache against the default server
+#   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server under 32 clients x 256 tokens for
+#                                          5 minutes, its GPU memory and RSS read 10 times (first, last, max)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_machine_env.sh
@@ -147,6 +152,19 @@ case "${1:?stage}" in
     python -m bench.serve_bench --export /tmp/exp/base --hf-model /tmp/rs/model --ort-variants q4f16 --hf bf16 --batch 32 \
       --http-variant q4f16 --clients 32 --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 \
       --serve-sets kv_slots=false,image_cache_mb=0 image_cache_mb=0 default --json "$OUT/serve5.json" 2>&1 | grep -vE "Warn|warn" | tail -12
+    ;;
+  serve6)
+    python -m bench.kv_slots_bench --export /tmp/exp/base --variant q4f16 --slots 8 --steps 64 --json "$OUT/kv_slots6.json" \
+      2>&1 | grep -vE "Warn|warn" | tail -6
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
+      --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 --serve-sets kv_slots=false,image_cache_mb=0 default \
+      --json "$OUT/serve6.json" 2>&1 | grep -vE "Warn|warn" | tail -4
+    grep -hE "CUDA graphs of the decode step captured" "$OUT"/serve_q4f16.log
+    ;;
+  serve-soak)
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
+      --seconds "${SOAK_SECONDS:-300}" --max-tokens 256 --memory-samples 10 --serve-sets default \
+      --json "$OUT/serve_soak.json" 2>&1 | grep -vE "Warn|warn" | tail -3
     ;;
   serve-bench)
     folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)

@@ -9,10 +9,15 @@ greedy tokens of a join-and-leave run (two prompts of different lengths: B joins
 A finishes alone), compared with each prompt generated alone by the published decoder; then decode tokens/s at
 batch 1 and with every slot busy. The CUDA-graph runtime captures one graph per batch bucket (powers of two up to
 the slot count): the join-and-leave run goes through buckets 1 -> 2 -> 1, batch 1 replays bucket 1, every slot busy
-the slot count's; `graph_buckets` lists those captured. The CUDA-graph runtime must give the tokens of the slot
-runtime without it (same kernels); against the published decoder (MultiHeadAttention) fp16 rounding may flip a late
-token, so that is reported, not failed. Exit status 1 when the graph and non-graph slot runtimes disagree or the
-graph did not turn on.
+the slot count's; `graph_buckets` lists those captured (all of them at load: `graph_capture_s`). The CUDA-graph
+runtime must give the tokens of the slot runtime without it (same kernels); against the published decoder
+(MultiHeadAttention) fp16 rounding may flip a late token, so that is reported, not failed. Exit status 1 when the
+graph and non-graph slot runtimes disagree or the graph did not turn on.
+
+Batched prefill (slot runtimes): A and B prefilled in one call (right-padded, serve.batch_prefill) against each
+prefilled alone: the first logits' largest difference (fp16 rounding is ~1e-2; a wrong position or mask is of the
+order of the logits themselves) and the greedy tokens' agreement, reported; then the time to prefill --slots copies
+of A in one call against one call per row.
 """
 
 from __future__ import annotations
@@ -95,6 +100,43 @@ def join_and_leave(model, a: dict, b: dict, steps: int) -> dict[str, list[int]]:
     return produced
 
 
+def batched_prefill(model, a: dict, b: dict, steps: int) -> dict:
+    """A and B prefilled together in one call, then decoded together, against each alone on the same runtime."""
+    from smolbox.preprocess import Encoded, pad_batch
+
+    batch = pad_batch([Encoded(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"]) for p in (a, b)], 0)
+    step = model.prefill(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
+    first, together = step.logits.copy(), [[], []]
+    for _ in range(steps):
+        tokens = step.logits.argmax(-1).astype(np.int64)
+        for row in range(2):
+            together[row].append(int(tokens[row]))
+        step = model.decode(step, tokens)
+    model.release(step)
+    single = []
+    for p in (a, b):
+        one = prefill(model, p)
+        single.append(one.logits[0].copy())
+        model.release(one)
+    alone_tokens = [alone(model, p, steps) for p in (a, b)]
+    return {"max_first_logit_diff": round(float(np.abs(first - np.stack(single)).max()), 5),
+            "token_agreement": [float(np.mean(np.array(t) == np.array(r))) for t, r in zip(together, alone_tokens)]}
+
+
+def prefill_ms(model, p: dict, rows: int, repeats: int = 3) -> float:
+    """Median ms to prefill `rows` copies of prompt `p` (image encoded each time, as a server without image cache)."""
+    from smolbox.preprocess import Encoded, pad_batch
+
+    batch = pad_batch([Encoded(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"])] * rows, 0)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        step = model.prefill(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
+        times.append(time.perf_counter() - started)
+        model.release(step)
+    return round(sorted(times[1:])[len(times[1:]) // 2] * 1000, 2)
+
+
 def decode_rate(model, p: dict, rows: int, steps: int) -> float:
     """Tokens/s of `rows` copies of prompt `p` decoding together (prefilled as one batch)."""
     from smolbox.preprocess import Encoded, pad_batch
@@ -149,6 +191,13 @@ def main() -> int:
                         f"decode_tok_s_b{args.slots}": decode_rate(model, a, args.slots, args.steps)})
         if getattr(model, "cuda_graph", False):
             results[-1]["graph_buckets"] = sorted(model._graphs)
+            results[-1]["graph_capture_s"] = round(model.capture_s, 2)
+        if isinstance(model, SlotVLM):
+            results[-1]["batched_prefill"] = batched_prefill(model, a, b, args.steps // 2)
+            results[-1][f"prefill_ms_{args.slots}_rows_one_call"] = prefill_ms(model, a, args.slots)
+            model.batch_prefill = False
+            results[-1][f"prefill_ms_{args.slots}_rows_call_per_row"] = prefill_ms(model, a, args.slots)
+            model.batch_prefill = True
         print(json.dumps(results[-1]), flush=True)
     graph_ok = runtimes["slots+graph"].cuda_graph and runs["slots+graph"] == runs["slots"]
     print(f"CUDA graph {'on' if runtimes['slots+graph'].cuda_graph else 'OFF'}; graph tokens "

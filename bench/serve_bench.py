@@ -286,7 +286,7 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
             row = part[0] if samples == 1 else merge_load_parts(part)
             row.update(variant=variant, provider=health.get("provider"), max_batch_size=max_batch, max_tokens=max_tokens,
                        batching="continuous" if continuous else "static", ort_session_config=ort_config or {},
-                       serve_set=serve_set or {}, server_memory=memory)
+                       serve_set=serve_set or {}, server_memory=memory, server_memory_summary=memory_summary(memory))
             print(json.dumps(row), flush=True)
             rows.append(row)
         return rows
@@ -297,6 +297,17 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def memory_summary(readings: list[dict]) -> dict:
+    """First, last and largest of each memory figure over a run's readings (rss_mib, gpu_mib), e.g. {"rss_mib":
+    {"first": 5034.0, "last": 5331.0, "max": 5402.0}}; a figure no reading has is left out."""
+    out = {}
+    for key in ("gpu_mib", "rss_mib"):
+        values = [r[key] for r in readings if key in r]
+        if values:
+            out[key] = {"first": values[0], "last": values[-1], "max": max(values)}
+    return out
 
 
 def merge_load_parts(parts: list[dict]) -> dict:
@@ -339,7 +350,8 @@ def main() -> None:
     parser.add_argument("--serve-sets", nargs="+", default=["default"],
                         help="HTTP runs once per entry: 'default' or key=value[,key=value] serve.* settings, side by side "
                         "(e.g. kv_slots=false image_cache_mb=0)")
-    parser.add_argument("--memory-samples", type=int, default=1, help="read the server's memory this many times per load run")
+    parser.add_argument("--memory-samples", type=int, default=1, help="read the server's memory this many times per load "
+                        "run (the run goes in as many parts of --seconds / N each, a reading after each; one more before)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -389,11 +401,13 @@ def main() -> None:
             print("HTTP ERROR", r["error"])
             continue
         settings = ",".join(f"{k}={v}" for k, v in r.get("serve_set", {}).items()) or "default"
-        memory = r.get("server_memory") or [{}]
-        print(f"HTTP {r['variant']} {r.get('batching', 'continuous'):<10} {settings:<28} {r['clients']:>3} clients: "
-              f"{r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, ttft p50 {r['ttft_p50_s']:.3f} s "
-              f"p99 {r['ttft_p99_s']:.3f} s, latency p50 {r['latency_p50_s']:.2f} s, errors {r['errors']}, server memory "
-              f"MiB {memory[0].get('rss_mib')} -> {memory[-1].get('rss_mib')} (GPU {memory[0].get('gpu_mib')} -> {memory[-1].get('gpu_mib')})")
+        summary = r.get("server_memory_summary") or memory_summary(r.get("server_memory") or [])
+        memory = ", ".join(f"{label} {m['first']} -> {m['last']} (max {m['max']})" for label, m in
+                           (("GPU", summary.get("gpu_mib")), ("RSS", summary.get("rss_mib"))) if m) or "not read"
+        print(f"HTTP {r['variant']} {r.get('batching', 'continuous'):<10} {settings:<28} {r['clients']:>3} clients "
+              f"{r['seconds']:.0f} s: {r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, ttft p50 "
+              f"{r['ttft_p50_s']:.3f} s p99 {r['ttft_p99_s']:.3f} s, latency p50 {r['latency_p50_s']:.2f} s, errors "
+              f"{r['errors']}, server memory MiB ({len(r.get('server_memory') or [])} readings): {memory}")
 
 
 if __name__ == "__main__":

@@ -242,8 +242,7 @@ class SlotVLM(OnnxVLM):
         # CUDA-graph batch buckets: powers of two below the slot count, and the slot count
         self.buckets = sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
         self._graphs: dict[int, dict] = {}  # bucket -> its fixed-buffer binding, made by capture_graphs at load
-        if self.cuda_graph:
-            self.capture_graphs()
+        self.capture_s = self.capture_graphs()  # seconds; 0 without a CUDA graph
 
     def _session(self, graph: str, options, providers):
         if graph != "decoder_model_merged":
