@@ -27,7 +27,8 @@
 #                                          (torchrun) and through accelerate launch, a few steps each
 #   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
 #                                          prefill: bench/kv_slots_bench.py, then HTTP 32 clients x 256 tokens, 20 s
-#                                          each, the published decoder without image cache against the default server
+#                                          each: the published decoder without image cache, the default server, and the
+#                                          default with a prefill budget of 8192 tokens a step (several newcomers a call)
 #   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server under 32 clients x 256 tokens for
 #                                          5 minutes, its GPU memory and RSS read 10 times (first, last, max)
 set -uo pipefail
@@ -158,7 +159,8 @@ case "${1:?stage}" in
       2>&1 | grep -vE "Warn|warn" | tail -6
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
       --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 --serve-sets kv_slots=false,image_cache_mb=0 default \
-      --json "$OUT/serve6.json" 2>&1 | grep -vE "Warn|warn" | tail -4
+      max_prefill_tokens_per_step=8192 \
+      --json "$OUT/serve6.json" 2>&1 | grep -vE "Warn|warn" | tail -5
     grep -hE "CUDA graphs of the decode step captured" "$OUT"/serve_q4f16.log
     ;;
   serve-soak)
