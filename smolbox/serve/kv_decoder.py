@@ -298,8 +298,8 @@ class SlotVLM(OnnxVLM):
         return binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
 
     def prefill(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, image_features=None) -> SlotStep:
-        """Each row (left padding dropped) into a free slot of its own (the lowest free ones, in row order). Rows whose
-        slots are consecutive go in one decoder call, right-padded to the run's longest prompt: GroupQueryAttention
+        """Each row (left padding dropped) into a free slot of its own (`_take`, in row order). Rows whose slots are
+        consecutive go in one decoder call, right-padded to the run's longest prompt: GroupQueryAttention
         places each row's tokens from position 0 of its slot and is causal, so padding after a row's last token does
         not change that row, and `last_index` picks each row's logits at its own last token. The padding positions'
         keys and values land in the slot past its length, where the row's next steps overwrite them before reading."""
@@ -313,7 +313,7 @@ class SlotVLM(OnnxVLM):
         embeds = self.embed(np.asarray(input_ids), pixel_values, pixel_attention_mask, image_features)
         if not isinstance(embeds, np.ndarray):
             embeds = embeds.numpy()  # rows are cut on the host; onnxruntime copies each back for its prefill
-        taken = sorted(self.free)[:rows]
+        taken = self._take(rows)
         self.free.difference_update(taken)
         logits = []
         try:
@@ -329,6 +329,20 @@ class SlotVLM(OnnxVLM):
             self._free(taken)
             raise
         return SlotStep(np.concatenate(logits), taken)
+
+    def _take(self, rows: int) -> list[int]:
+        """Free slots for `rows` newcomers: the lowest ones, unless they are not consecutive and the lowest run of
+        consecutive free slots that holds them all widens no decode step (the same CUDA-graph bucket; without a graph,
+        no higher slot), so that they prefill in one call."""
+        free = sorted(self.free)
+        lowest = free[:rows]
+        if len(_runs(lowest)) == 1:
+            return lowest
+        width = (lambda slot: self.bucket(slot + 1)) if self.cuda_graph else (lambda slot: slot + 1)
+        for start in free:
+            if all(s in self.free for s in range(start, start + rows)):
+                return list(range(start, start + rows)) if width(start + rows - 1) <= width(lowest[-1]) else lowest
+        return lowest
 
     def _prefill_calls(self, taken: list[int], lengths: np.ndarray) -> list[tuple[int, int]]:
         """(start, stop) row ranges, one decoder call each: runs of consecutive slots (one row each without

@@ -341,3 +341,27 @@ def test_one_call_per_newcomer_without_batch_prefill_or_past_the_cpu_scratch_bud
     monkeypatch.setattr(kv_decoder, "PREFILL_SCRATCH_BYTES", 2 * per_row * int(lengths.min()) - 1)  # never two rows
     assert model._prefill_calls([0, 1, 2], lengths) == [(0, 1), (1, 2), (2, 3)]
     assert greedy(model, texts).tolist() == expected.tolist()
+
+
+def test_newcomers_take_consecutive_slots_when_that_widens_no_decode_step(random_export, texts):
+    """Five slots (graph buckets 1, 2, 4, 5; the graph path run on the CPU). Busy 1 and 4: two newcomers take 2-3
+    (one call, bucket 4 as 0 and 2 would be) rather than 0 and 2. Busy 0 and 2: 1 and 3 (bucket 4) rather than 3-4
+    (bucket 5). Without a graph the lowest slots always (no higher slot). Tokens equal each row's alone."""
+    config = serve_config(random_export, max_batch_size=5)
+    model = load_runtime(random_export, "fp32", config, CPU)
+    _, alone = one_at_a_time(model, texts)
+    model.cuda_graph = True
+    for busy, expected in (({1, 4}, [2, 3]), ({0, 2}, [1, 3])):
+        model.free = set(range(5)) - busy
+        assert model._take(2) == expected
+        step = model.prefill(texts["input_ids"][:2], texts["attention_mask"][:2])
+        assert step.slots == expected
+        tokens = [step.logits.argmax(-1).astype(np.int64)]
+        for _ in range(STEPS - 1):
+            step = model.decode(step, tokens[-1])
+            tokens.append(step.logits.argmax(-1).astype(np.int64))
+        model.release(step)
+        assert np.stack(tokens, axis=1).tolist() == alone[:2]
+    model.cuda_graph = False
+    model.free = {0, 2, 3, 4}
+    assert model._take(2) == [0, 2]
