@@ -23,6 +23,11 @@
 #   bash bench/gpu_machine_session.sh serve5       engine v2 on the base export (q4f16): the KV-slot decoder with and without its
 #                                          CUDA graph (bench/kv_slots_bench.py), TTFT and decode against transformers,
 #                                          then HTTP at 32 clients x 256 tokens, the published decoder and the slot one
+#   bash bench/gpu_machine_session.sh train5       issue #16, compiled blocks with the checkpoint outside: default against
+#                                          default:compile, STEPS (50) steps of GLOBAL_BATCH (16) pairs: loss curves
+#                                          side by side (max |dloss|), speed and peak memory; ~8 min when /tmp/rs exists
+#                                          (run `prepare` first on a fresh machine; cut STEPS if the call runs short)
+#   bash bench/gpu_machine_session.sh train6       lowmem, lowmem:compile and default:norm-cache, STEPS (5) steps each
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 #   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
@@ -133,6 +138,14 @@ case "${1:?stage}" in
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
     python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-4}" --global-batch 32 --variants default@1 "default@$n" \
       --json "$OUT/train_scale.json" 2>&1 | grep -vE "Warn|warn" | tail -8
+    ;;
+  train5)
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-50}" --global-batch "${GLOBAL_BATCH:-16}" \
+      --variants default default:compile --json "$OUT/train5.json" 2>&1 | grep -vE "Warn|warn" | tail -9
+    ;;
+  train6)
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-5}" --variants lowmem lowmem:compile default:norm-cache \
+      --json "$OUT/train6.json" 2>&1 | grep -vE "Warn|warn" | tail -10
     ;;
   e2e-multi)
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')

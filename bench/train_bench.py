@@ -8,7 +8,9 @@ Each variant runs in its own process (clean peak-memory numbers; nothing patched
 `--steps` optimizer steps with the global batch of the variant's table row (smaller than the real configs' for
 time: the micro-batch, which decides speed and memory, is the real one), or `--global-batch`. Step 1 is warm-up;
 pairs/s = pairs of steps 2..N / their wall time. Peak memory is torch.cuda.max_memory_allocated (and _reserved),
-the largest over the processes.
+the largest over the processes. Every smolbox variant logs its per-step losses (`losses` in the JSON); after the
+table, each one's curve is compared with the first variant's (max and mean |Δloss| over the steps both ran, also
+`loss_vs_first` in the JSON): `--variants default default:compile --steps 50` is issue #16's loss-curve check.
 
 World size: `<variant>@N` runs the variant on N GPUs of this host through torchrun (one process per GPU), with the
 same global batch, so `default@1 default@2 --global-batch 32` measures how training scales (pairs/s, peak memory
@@ -285,6 +287,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def loss_comparison(rows: list[dict]) -> list[str]:
+    """Each variant's per-step losses against the first variant's (the reference curve; same pairs a step only): max
+    and mean |Δloss| over the steps both logged. Also stored in each row as `loss_vs_first`; the curves themselves are the rows' `losses`."""
+    first = next((r for r in rows if r.get("losses")), None)
+    if first is None:
+        return []
+    lines = [f"loss curves against {first['variant']} ({len(first['losses'])} steps): max |dloss|, mean |dloss| over the common steps"]
+    for r in rows:
+        if r is first or not r.get("losses"):
+            continue
+        if r.get("pairs_per_step") != first.get("pairs_per_step"):
+            lines.append(f"  {r['variant']:<28} not compared: {r.get('pairs_per_step')} pairs a step, not {first.get('pairs_per_step')}")
+            continue
+        diffs = [abs(a - b) for a, b in zip(r["losses"], first["losses"])]
+        r["loss_vs_first"] = {"against": first["variant"], "steps": len(diffs), "max_abs_diff": max(diffs),
+                              "mean_abs_diff": sum(diffs) / len(diffs),
+                              "max_abs_diff_step": 1 + diffs.index(max(diffs))}
+        c = r["loss_vs_first"]
+        lines.append(f"  {r['variant']:<28} max {c['max_abs_diff']:.2e} (step {c['max_abs_diff_step']}), "
+                     f"mean {c['mean_abs_diff']:.2e} over {c['steps']} steps; last losses "
+                     f"{r['losses'][len(diffs) - 1]:.5f} vs {first['losses'][len(diffs) - 1]:.5f}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="folder written by bench.real_shapes")
@@ -318,9 +344,11 @@ def main() -> None:
                 print(proc.stderr[-3000:], flush=True)
             print(json.dumps(row), flush=True)
             rows.append(row)
+            comparison = loss_comparison(rows)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
+    print("\n".join(comparison))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,26 @@
-"""train.compile: torch.compile applied to each repeated block of the model (regional compilation).
+"""train.compile: torch.compile applied to each repeated block of the model (regional compilation), with the
+gradient checkpoint outside the compiled region.
 
 SmolVLM is two stacks of identical blocks: the SigLIP encoder layers of the vision tower and the Llama decoder
 layers of the text model. Both are transformers' `GradientCheckpointingLayer`s, so "each repeated block" is each
-module of that class. `nn.Module.compile` compiles a module's call in place (the module object, its parameters and
-the peft adapters inside it stay where they are), and since dynamo inlines nn.Modules and treats their parameters
-as inputs, the blocks of one stack share one compiled graph: compile time is that of two blocks, not 51.
+module of that class. For each block class, `compiled_class` makes (once) a subclass whose `forward` calls
+`torch.compile` of the class's own forward, and `compile_blocks` swaps each block's `__class__` to it: the module
+objects, their parameters and the peft adapters inside them stay where they are (state_dict keys, `save_pretrained`
+and DDP's parameter order unchanged). Every block of a class calls the one compiled function, and dynamo inlines
+nn.Modules and lifts their parameters as graph inputs, so the blocks of one stack share its graphs: one per mode
+(training; no-grad reference or evaluation passes; tests/train/test_compile.py counts them), not one per block,
+and compile time is that of two blocks, not 51.
+
+Why the checkpoint stays outside: transformers 5.23 checkpoints a layer's `forward`, wrapped per class in
+`GradientCheckpointingLayer.__init_subclass__`, and only the outermost wrapper checkpoints (so that FSDP2's
+subclasses keep their hooks outside the checkpoint). `nn.Module.compile` compiles the module's call, so the
+checkpoint ran inside the compiled region, as a higher-order op whose recomputation is left to AOT autograd's
+partitioner: on an H200 (torch 2.11, inductor) the blocks' activations were kept instead of recomputed, 108 GiB
+against 18.5 eager at default.yaml's micro-batch (docs/benchmarks.md, "Training speed, second round"); on CPU
+(torch 2.13) the same graphs recompute, so a CPU test cannot show that size (docs/notes.md). The subclass's forward is wrapped by transformers like any
+subclass's and is the outermost, so the eager checkpoint calls the compiled function: in forward its saved tensors
+go to the checkpoint's hooks and are dropped, in backward the checkpoint reruns the compiled forward and then its
+compiled backward, as eager checkpointing does with the eager block (the same graph serves with checkpointing off).
 
 What it buys: the elementwise work between the matrix products (norms, residual adds, the MLP's activation and
 gate, rotary embeddings, DoRA's scale after its `addmm`) fused into fewer kernels; a profile of the eager step at
@@ -13,19 +29,22 @@ The function computed is the same; inductor's fused kernels may round intermedia
 (it keeps them in fp32 inside a fused kernel), which is the only difference (tests/train/test_compile.py).
 
 How it fits with the rest:
-- Gradient checkpointing: transformers 5.23 checkpoints a layer's `forward` (not `__call__`), so the checkpoint
-  sits inside the compiled call; dynamo captures the non-reentrant checkpoint (`use_reentrant=False`, what TRL
-  sets) as a higher-order op and AOT autograd recomputes the region in backward, as eager checkpointing does.
 - bitsandbytes 0.50: its 4-bit kernels are `torch.library` custom ops with fake implementations
   (`bitsandbytes::dequantize_4bit`, `gemm_4bit`, ...), so a compiled graph calls them as opaque nodes.
+- Graph breaks (peft's DoRA forward on the vision tower's biased q/k/v without `adapter.fused_dora_bias` reads the
+  4-bit weight's `__class__` and sets a `.data`) split a block into several graphs around eager parts; the
+  checkpoint, being outside, still recomputes all of it. (With the checkpoint inside, such a break made dynamo run
+  the whole checkpointed block eagerly.)
 - Shapes: packed sequence lengths and the number of image tiles change every batch, so the blocks are compiled
-  with `dynamic=True`: sizes symbolic from the first call, one graph per mode (training; evaluation) instead of
-  dynamo's default of a static graph first and a dynamic one at the first new shape, a compilation that every
-  batch would make useless anyway. Parameters keep static shapes (dynamo's default), so the weights' sizes
-  stay constants in the kernels. No bucketing: padding to buckets would cost compute for nothing.
-  `recompile_limit` is raised so the few variants a run needs (train / eval, adapters on / off) never fall back to
-  eager. The reference pass before training (train.precompute_ref_logps) runs eagerly (trainer.py).
+  with `dynamic=True`: sizes symbolic from the first call, one graph per mode instead of dynamo's default of a
+  static graph first and a dynamic one at the first new shape, a compilation that every batch would make useless
+  anyway. Parameters keep static shapes (dynamo's default), so the weights' sizes stay constants in the kernels.
+  No bucketing: padding to buckets would cost compute for nothing. `recompile_limit` is raised so the few variants
+  a run needs (train / eval, adapters on / off) never fall back to eager. The reference pass before training
+  (train.precompute_ref_logps) runs eagerly (trainer.py; `torch.compiler.set_stance` covers compiled functions).
 - DDP: only the blocks are compiled, not the DDP-wrapped model, so DDP's gradient hooks are the eager ones.
+- Pickling a whole model (not done by smolbox: checkpoints are state dicts) would need the subclass by name; it is
+  made at run time, so only the process that compiled could load such a pickle.
 """
 
 from __future__ import annotations
@@ -33,6 +52,24 @@ from __future__ import annotations
 import torch
 
 RECOMPILE_LIMIT = 32  # per code object: each block class sees train / eval x adapters on / off
+_COMPILED_CLASSES: dict[tuple[type, str], type] = {}  # (block class, backend) -> its compiled subclass
+
+
+def compiled_class(cls: type, backend: str) -> type:
+    """The subclass of block class `cls` whose forward is `torch.compile` of `cls`'s own forward, made once per
+    (class, backend): every block of the class calls the one compiled function, so they share its graphs. transformers
+    wraps this forward in its checkpoint as it wraps any subclass's, and only the outermost wrapper checkpoints: the
+    checkpoint calls the compiled function from outside."""
+    key = (cls, backend)
+    if key not in _COMPILED_CLASSES:
+        # `cls.forward` is transformers' checkpoint wrapper (functools.wraps): the layer's own forward is under it
+        compiled = torch.compile(cls.forward.__wrapped__, backend=backend, dynamic=True)
+
+        def forward(self, *args, **kwargs):
+            return compiled(self, *args, **kwargs)
+
+        _COMPILED_CLASSES[key] = type(f"Compiled{cls.__name__}", (cls,), {"forward": forward, "_eager_class": cls})
+    return _COMPILED_CLASSES[key]
 
 
 def compile_blocks(model, backend: str = "inductor") -> int:
@@ -46,5 +83,6 @@ def compile_blocks(model, backend: str = "inductor") -> int:
     torch._dynamo.config.specialize_float = True
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for block in blocks:
-        block.compile(backend=backend, dynamic=True)
+        eager = getattr(type(block), "_eager_class", type(block))  # compiling twice keeps one level
+        block.__class__ = compiled_class(eager, backend)
     return len(blocks)
