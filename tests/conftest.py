@@ -11,7 +11,14 @@ import pytest
 # changed builder builds afresh and a session never reuses a stale bundle. A build pretrains the model (about a
 # minute on a CPU core); tests/test_tiny.py checks what a build makes, and that it makes the same bundle again.
 # A caller may point SMOLBOX_CACHE or HF_HOME somewhere on purpose.
-SCRATCH = tempfile.mkdtemp(prefix="smolbox-test-")
+# scripts/test runs the suite on every core with pytest-xdist: its workers are processes this one starts; they
+# inherit the environment below and share this session's folder (SMOLBOX_TEST_SCRATCH names it with the pid of
+# the process that made it, so a pytest that a test starts, whose parent is not that process, makes its own).
+_SHARED = os.environ.get("SMOLBOX_TEST_SCRATCH", "").partition(":")
+_WORKER = "PYTEST_XDIST_WORKER" in os.environ and _SHARED[0] == str(os.getppid()) and bool(_SHARED[2])
+SCRATCH = _SHARED[2] if _WORKER else tempfile.mkdtemp(prefix="smolbox-test-")
+if not _WORKER:
+    os.environ["SMOLBOX_TEST_SCRATCH"] = f"{os.getpid()}:{SCRATCH}"
 _PASSED = pytest.StashKey[bool]()
 os.environ.setdefault("HF_HOME", os.path.join(SCRATCH, "huggingface"))
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", SCRATCH)  # where pytest makes tmp_path folders (read lazily)
@@ -23,8 +30,59 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # time (docs/notes.md), and the same thread count everywhere gives in-process and command-line runs the same bits.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# ---- pytest-xdist: which tests a worker takes together ------------------------------------------------------------
+# Session fixtures are built once per worker. The modules that use the session's tiny run and exports (tiny_run and
+# the fixtures on top of it) go to one worker as one unit, as do those on serve's random export, so each is built
+# once; every other module is a unit of its own. The units start longest first (measured on 2 cores), so the
+# longest is not left for the end.
+SHARED_UNITS = {
+    "tiny-run": ("tests/export/", "tests/train/test_stage.py", "tests/test_eval.py", "tests/test_runtime.py"),
+    "random-export": ("tests/serve/",),
+}
+UNIT_FIXTURES = {"tiny-run": {"tiny_root", "tiny_config", "tiny_run", "tiny_export", "tiny_export_traced", "merged"},
+                 "random-export": {"random_export"}}
+LONGEST_FIRST = ["tests/train/test_distributed.py", "tiny-run", "tests/test_cli.py", "tests/train/test_compile.py",
+                 "tests/test_tiny.py", "random-export", "tests/test_preprocess.py"]
+
+
+def unit_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return next((unit for unit, prefixes in SHARED_UNITS.items() if module.startswith(prefixes)), module)
+
+
+class _Units:
+    """Registered only when pytest-xdist is there (its hook is unknown to pytest otherwise)."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "load":  # an explicit --dist keeps its own meaning
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByUnit(LoadScopeScheduling):
+            def _split_scope(self, nodeid):
+                return unit_of(nodeid)
+
+        config.option.loadscopereorder = False  # the order of the collection below, not the number of tests
+        return ByUnit(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return
+    for item in items:
+        unit = unit_of(item.nodeid)
+        for name, fixtures in UNIT_FIXTURES.items():
+            if unit != name and fixtures & set(item.fixturenames):
+                raise pytest.UsageError(f"{item.nodeid} uses {name}'s session fixtures: add its module to "
+                                        f"SHARED_UNITS[{name!r}] in tests/conftest.py, or each worker builds them")
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))  # stable: the rest keep their order
+
 
 def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_Units(), "smolbox-xdist-units")
     # pytest resets warning filters around each test: give it smolbox's (smolbox.quiet) as its own.
     from smolbox import quiet
 
@@ -37,6 +95,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_unconfigure(config):  # after every fixture's teardown
+    if _WORKER:  # the process that started the workers decides, after they have ended
+        return
     if config.stash.get(_PASSED, False):
         shutil.rmtree(SCRATCH, ignore_errors=True)
     else:
@@ -45,9 +105,12 @@ def pytest_unconfigure(config):  # after every fixture's teardown
 
 @pytest.fixture(scope="session")
 def tiny_bundle():
+    from filelock import FileLock
+
     from smolbox import tiny
 
-    return tiny.ensure_bundle()
+    with FileLock(os.path.join(SCRATCH, "tiny-bundle.lock")):  # workers: one builds a missing bundle, the others wait
+        return tiny.ensure_bundle()
 
 
 # ---- one tiny run, trained and exported once, for every module that needs one ---------------------------------
