@@ -1,6 +1,7 @@
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -36,12 +37,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # once; every other module is a unit of its own. The units start longest first (measured on 2 cores), so the
 # longest is not left for the end.
 SHARED_UNITS = {
-    "tiny-run": ("tests/export/", "tests/train/test_stage.py", "tests/test_eval.py", "tests/test_runtime.py"),
+    "tiny-run": ("tests/export/", "tests/train/test_stage.py", "tests/test_eval.py", "tests/test_runtime.py",
+                 "tests/test_cli.py"),
     "random-export": ("tests/serve/",),
 }
-UNIT_FIXTURES = {"tiny-run": {"tiny_root", "tiny_config", "tiny_run", "tiny_export", "tiny_export_traced", "merged"},
+UNIT_FIXTURES = {"tiny-run": {"tiny_root", "tiny_config", "tiny_demo", "tiny_run", "tiny_export", "tiny_export_traced",
+                              "merged"},
                  "random-export": {"random_export"}}
-LONGEST_FIRST = ["tests/train/test_distributed.py", "tiny-run", "tests/test_cli.py", "tests/train/test_compile.py",
+LONGEST_FIRST = ["tests/train/test_distributed.py", "tiny-run", "tests/train/test_compile.py",
                  "tests/test_tiny.py", "random-export", "tests/test_preprocess.py"]
 
 
@@ -113,12 +116,28 @@ def tiny_bundle():
         return tiny.ensure_bundle()
 
 
-# ---- one tiny run, trained and exported once, for every module that needs one ---------------------------------
+# ---- one tiny run, trained and exported once (by the demo), for every module that needs one -------------------
 
 
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory, tiny_bundle):
-    return tmp_path_factory.mktemp("tiny")
+def tiny_demo(tmp_path_factory, tiny_bundle):
+    """`smolbox demo` as a user runs it (a subprocess, in a new folder): its output. The run and the export it leaves
+    there (runs/tiny, exports/tiny) are the session's tiny run and export: they are not trained and exported twice."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("tiny")
+    result = subprocess.run([sys.executable, "-m", "smolbox", "demo", "--env-file", ""], cwd=folder,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result.folder = folder
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tiny_demo):
+    """The demo's folder, with runs/ and exports/."""
+    return tiny_demo.folder
 
 
 @pytest.fixture(scope="session")
@@ -139,15 +158,20 @@ def tiny_run(tiny_config):
     Shared: a test that trains further or resumes does so in a copy."""
     from smolbox.train import train
 
-    return train(tiny_config())
+    run = train(tiny_config())  # the demo completed it: train reads it back and trains nothing
+    assert run.global_step == run.manifest["global_step"] and run.resumed_from is None
+    return run
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run, tiny_config):
-    """That run exported with every variant (fused decoder and vision encoder): exports/tiny."""
-    from smolbox.export import export
+    """That run exported with every variant (fused decoder and vision encoder): exports/tiny, as the demo wrote it."""
+    import json
 
-    return export(tiny_config())
+    from smolbox.export import ExportResult
+
+    folder = Path(tiny_config().export.output_dir) / tiny_run.run_dir.name
+    return ExportResult(folder, json.loads((folder / "manifest.json").read_text()), json.loads((folder / "parity.json").read_text()))
 
 
 @pytest.fixture(scope="session")
