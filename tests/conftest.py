@@ -1,6 +1,7 @@
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,14 @@ import pytest
 # changed builder builds afresh and a session never reuses a stale bundle. A build pretrains the model (about a
 # minute on a CPU core); tests/test_tiny.py checks what a build makes, and that it makes the same bundle again.
 # A caller may point SMOLBOX_CACHE or HF_HOME somewhere on purpose.
-SCRATCH = tempfile.mkdtemp(prefix="smolbox-test-")
+# scripts/test runs the suite on every core with pytest-xdist: its workers are processes this one starts; they
+# inherit the environment below and share this session's folder (SMOLBOX_TEST_SCRATCH names it with the pid of
+# the process that made it, so a pytest that a test starts, whose parent is not that process, makes its own).
+_SHARED = os.environ.get("SMOLBOX_TEST_SCRATCH", "").partition(":")
+_WORKER = "PYTEST_XDIST_WORKER" in os.environ and _SHARED[0] == str(os.getppid()) and bool(_SHARED[2])
+SCRATCH = _SHARED[2] if _WORKER else tempfile.mkdtemp(prefix="smolbox-test-")
+if not _WORKER:
+    os.environ["SMOLBOX_TEST_SCRATCH"] = f"{os.getpid()}:{SCRATCH}"
 _PASSED = pytest.StashKey[bool]()
 os.environ.setdefault("HF_HOME", os.path.join(SCRATCH, "huggingface"))
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", SCRATCH)  # where pytest makes tmp_path folders (read lazily)
@@ -23,8 +31,61 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # time (docs/notes.md), and the same thread count everywhere gives in-process and command-line runs the same bits.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# ---- pytest-xdist: which tests a worker takes together ------------------------------------------------------------
+# Session fixtures are built once per worker. The modules that use the session's tiny run and exports (tiny_run and
+# the fixtures on top of it) go to one worker as one unit, as do those on serve's random export, so each is built
+# once; every other module is a unit of its own. The units start longest first (measured on 2 cores), so the
+# longest is not left for the end: the container checks (SMOLBOX_CONTAINER_TESTS=1, ~10 min) before all.
+SHARED_UNITS = {
+    "tiny-run": ("tests/export/", "tests/train/test_stage.py", "tests/test_eval.py", "tests/test_runtime.py",
+                 "tests/test_cli.py"),
+    "random-export": ("tests/serve/",),
+}
+UNIT_FIXTURES = {"tiny-run": {"tiny_root", "tiny_config", "tiny_demo", "tiny_run", "tiny_export", "tiny_export_traced",
+                              "merged"},
+                 "random-export": {"random_export"}}
+LONGEST_FIRST = ["tests/test_containers.py", "tests/train/test_distributed.py", "tiny-run", "tests/train/test_compile.py",
+                 "tests/test_tiny.py", "random-export", "tests/test_preprocess.py"]
+
+
+def unit_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return next((unit for unit, prefixes in SHARED_UNITS.items() if module.startswith(prefixes)), module)
+
+
+class _Units:
+    """Registered only when pytest-xdist is there (its hook is unknown to pytest otherwise)."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "load":  # an explicit --dist keeps its own meaning
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByUnit(LoadScopeScheduling):
+            def _split_scope(self, nodeid):
+                return unit_of(nodeid)
+
+        config.option.loadscopereorder = False  # the order of the collection below, not the number of tests
+        return ByUnit(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return
+    for item in items:
+        unit = unit_of(item.nodeid)
+        for name, fixtures in UNIT_FIXTURES.items():
+            if unit != name and fixtures & set(item.fixturenames):
+                raise pytest.UsageError(f"{item.nodeid} uses {name}'s session fixtures: add its module to "
+                                        f"SHARED_UNITS[{name!r}] in tests/conftest.py, or each worker builds them")
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))  # stable: the rest keep their order
+
 
 def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_Units(), "smolbox-xdist-units")
     # pytest resets warning filters around each test: give it smolbox's (smolbox.quiet) as its own.
     from smolbox import quiet
 
@@ -37,6 +98,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_unconfigure(config):  # after every fixture's teardown
+    if _WORKER:  # the process that started the workers decides, after they have ended
+        return
     if config.stash.get(_PASSED, False):
         shutil.rmtree(SCRATCH, ignore_errors=True)
     else:
@@ -45,17 +108,36 @@ def pytest_unconfigure(config):  # after every fixture's teardown
 
 @pytest.fixture(scope="session")
 def tiny_bundle():
+    from filelock import FileLock
+
     from smolbox import tiny
 
-    return tiny.ensure_bundle()
+    with FileLock(os.path.join(SCRATCH, "tiny-bundle.lock")):  # workers: one builds a missing bundle, the others wait
+        return tiny.ensure_bundle()
 
 
-# ---- one tiny run, trained and exported once, for every module that needs one ---------------------------------
+# ---- one tiny run, trained and exported once (by the demo), for every module that needs one -------------------
 
 
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory, tiny_bundle):
-    return tmp_path_factory.mktemp("tiny")
+def tiny_demo(tmp_path_factory, tiny_bundle):
+    """`smolbox demo` as a user runs it (a subprocess, in a new folder): its output. The run and the export it leaves
+    there (runs/tiny, exports/tiny) are the session's tiny run and export: they are not trained and exported twice."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("tiny")
+    result = subprocess.run([sys.executable, "-m", "smolbox", "demo", "--env-file", ""], cwd=folder,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result.folder = folder
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tiny_demo):
+    """The demo's folder, with runs/ and exports/."""
+    return tiny_demo.folder
 
 
 @pytest.fixture(scope="session")
@@ -76,15 +158,20 @@ def tiny_run(tiny_config):
     Shared: a test that trains further or resumes does so in a copy."""
     from smolbox.train import train
 
-    return train(tiny_config())
+    run = train(tiny_config())  # the demo completed it: train reads it back and trains nothing
+    assert run.global_step == run.manifest["global_step"] and run.resumed_from is None
+    return run
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run, tiny_config):
-    """That run exported with every variant (fused decoder and vision encoder): exports/tiny."""
-    from smolbox.export import export
+    """That run exported with every variant (fused decoder and vision encoder): exports/tiny, as the demo wrote it."""
+    import json
 
-    return export(tiny_config())
+    from smolbox.export import ExportResult
+
+    folder = Path(tiny_config().export.output_dir) / tiny_run.run_dir.name
+    return ExportResult(folder, json.loads((folder / "manifest.json").read_text()), json.loads((folder / "parity.json").read_text()))
 
 
 @pytest.fixture(scope="session")

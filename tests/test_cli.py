@@ -19,8 +19,9 @@ def smolbox(*args, cwd, timeout=300):
     return subprocess.run([sys.executable, "-m", "smolbox", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_demo_runs_every_stage_offline_and_answers_right(tmp_path, tiny_bundle):
-    result = smolbox("demo", "--env-file", "", cwd=tmp_path)
+def test_demo_runs_every_stage_offline_and_answers_right(tiny_demo):
+    """The demo ran in a new folder (tests/conftest.py: its run and export are the session's tiny run and export)."""
+    result, tmp_path = tiny_demo, tiny_demo.folder
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "CPU only" in out and "bitsandbytes 4-bit" in out
