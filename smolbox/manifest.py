@@ -25,6 +25,9 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # mkstemp makes the file 0600; a manifest or eval.json is read by other users (a serving container's uid, a
+    # colleague), as every other file of a run or an export folder is: the mode a plain open() gives.
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
