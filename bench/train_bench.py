@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,9 @@ def _result(timer, pairs_per_step: int, extra: dict) -> dict:
         "pairs_per_s": round(pairs_per_step * len(measured) / sum(measured), 3) if measured else None,
         # without step 2 as well: should a compiled variant recompile there, it shows as a gap between the two rates
         "pairs_per_s_from_step3": round(pairs_per_step * len(steps[2:]) / sum(steps[2:]), 3) if steps[2:] else None,
+        # over the median step: a step that pays a one-off (a loader's workers starting, an epoch's first batch)
+        # does not move it; with a small data set and many steps those come often (docs/benchmarks.md, lease 3)
+        "pairs_per_s_median_step": round(pairs_per_step / statistics.median(measured), 3) if measured else None,
     }
     if torch.cuda.is_available():
         out.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -260,7 +264,7 @@ def child(name: str, root: Path, steps: int, workdir: Path, cpu: bool, global_ba
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'variant':<28} {'gpus':>4} {'mb':>3} {'acc':>4} {'ckpt':>5} {'packed':>6} {'pairs/s':>8} {'from s3':>8} {'alloc GiB':>9} "
+    head = (f"{'variant':<28} {'gpus':>4} {'mb':>3} {'acc':>4} {'ckpt':>5} {'packed':>6} {'pairs/s':>8} {'from s3':>8} {'median':>8} {'alloc GiB':>9} "
             f"{'resv GiB':>8} {'x recipe':>8} {'x 1 GPU':>7} {'run pairs/s':>11} {'4738 pairs':>11}")
     base = next((r.get("pairs_per_s") for r in rows if r["variant"] == "recipe" and r.get("pairs_per_s")), None)
     lines = [head]
@@ -276,10 +280,11 @@ def table(rows: list[dict]) -> str:
         scaling = f"{r['pairs_per_s'] / single:.2f}" if single and r.get("pairs_per_s") and r.get("world_size", 1) > 1 else "-"
         lines.append(f"{r['variant']:<28} {r.get('world_size', 1):>4} {r['micro_batch']:>3} {r['accumulation']:>4} "
                      f"{str(r['gradient_checkpointing'])[0]:>5} {str(r['packed'])[0]:>6} {r['pairs_per_s'] or 0:>8.3f} "
-                     f"{r.get('pairs_per_s_from_step3') or 0:>8.3f} "
+                     f"{r.get('pairs_per_s_from_step3') or 0:>8.3f} {r.get('pairs_per_s_median_step') or 0:>8.3f} "
                      f"{r.get('peak_allocated_gib', 0):>9.2f} {r.get('peak_reserved_gib', 0):>8.2f} {ratio:>8} {scaling:>7} "
                      f"{r.get('pairs_per_s_with_precompute') or '':>11} {r.get('pairs_per_s_with_precompute_recipe_data') or '':>11}")
-    lines.append("pairs/s: steps 2..N; from s3: steps 3..N (a compiled variant's recompile at step 2, if any, left out)")
+    lines.append("pairs/s: steps 2..N; from s3: steps 3..N (a compiled variant's recompile at step 2, if any, left out); "
+                 "median: over the median of steps 2..N")
     lines.append("global batch reduced for time unless --global-batch (real: 32 pairs a step); micro-batch as configured; "
                  "memory: the largest GPU")
     lines.append("run pairs/s: with precomputed reference log-probs, the one-off pass spread over the config's epochs "
