@@ -77,8 +77,11 @@ class SmolboxDPOTrainer(DPOTrainer):
         model.eval()
         values = {}  # batch index -> (chosen, rejected) log-probs
         first_batch_s = 0.0
-        # train.compile: this one no-grad pass runs eagerly; compiling its graphs too would cost more than it saves
-        with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+        # train.compile: this pass runs the compiled blocks too (their no-grad graphs, which evaluation compiles
+        # anyway), so that the reference log-probs round as the policy's do. From the eager pass, the compiled
+        # policy started apart from its own reference (step 1 not at ln 2) and its 50-step loss curve left eager's
+        # by more than eager runs differ (docs/benchmarks.md, lease 3).
+        with self.accelerator.autocast():
             for b, batch in zip(mine, loader):
                 batch = self._prepare_inputs(batch)
                 logps = dpo.reference_logps(model, batch, self.pack_pairs).float().cpu()
