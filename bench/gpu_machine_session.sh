@@ -27,7 +27,7 @@
 #                                          default:compile, STEPS (50) steps of GLOBAL_BATCH (16) pairs: loss curves
 #                                          side by side (max |dloss|), speed and peak memory; ~8 min when /tmp/rs exists
 #                                          (run `prepare` first on a fresh machine; cut STEPS if the call runs short)
-#   bash bench/gpu_machine_session.sh train6       lowmem, lowmem:compile and default:norm-cache (or VARIANTS), STEPS (5) steps each
+#   bash bench/gpu_machine_session.sh train6       lowmem, lowmem:compile and default:norm-cache (or TRAIN_VARIANTS), STEPS (5) steps each
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 #   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
@@ -144,8 +144,8 @@ case "${1:?stage}" in
       --variants default default:compile --json "$OUT/train5.json" 2>&1 | grep -vE "Warn|warn" | tail -9
     ;;
   train6)
-    # shellcheck disable=SC2086  # VARIANTS: a space-separated list
-    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-5}" --variants ${VARIANTS:-lowmem lowmem:compile default:norm-cache} \
+    # shellcheck disable=SC2086  # TRAIN_VARIANTS: a space-separated list (VARIANTS above is the export's)
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-5}" --variants ${TRAIN_VARIANTS:-lowmem lowmem:compile default:norm-cache} \
       --json "$OUT/${JSON:-train6}.json" 2>&1 | grep -vE "Warn|warn" | tail -10
     ;;
   e2e-multi)
