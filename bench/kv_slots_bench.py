@@ -66,7 +66,15 @@ def prompts(folder: Path, pixel_dtype) -> list[dict]:
 
 
 def prefill(model, p: dict):
-    return model.prefill(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"])
+    """One model.prefill of prompt `p`, or of a batch from `padded`."""
+    return model.prefill(p["input_ids"], p["attention_mask"], p.get("pixel_values"), p.get("pixel_attention_mask"))
+
+
+def padded(rows: list[dict]) -> dict:
+    """Prompts `rows` left-padded into one batch."""
+    from smolbox.preprocess import Encoded, pad_batch
+
+    return pad_batch([Encoded(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"]) for p in rows], 0)
 
 
 def alone(model, p: dict, steps: int) -> list[int]:
@@ -102,10 +110,7 @@ def join_and_leave(model, a: dict, b: dict, steps: int) -> dict[str, list[int]]:
 
 def batched_prefill(model, a: dict, b: dict, steps: int) -> dict:
     """A and B prefilled together in one call, then decoded together, against each alone on the same runtime."""
-    from smolbox.preprocess import Encoded, pad_batch
-
-    batch = pad_batch([Encoded(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"]) for p in (a, b)], 0)
-    step = model.prefill(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
+    step = prefill(model, padded([a, b]))
     first, together = step.logits.copy(), [[], []]
     for _ in range(steps):
         tokens = step.logits.argmax(-1).astype(np.int64)
@@ -125,13 +130,10 @@ def batched_prefill(model, a: dict, b: dict, steps: int) -> dict:
 
 def prefill_ms(model, p: dict, rows: int, repeats: int = 3) -> float:
     """Median ms to prefill `rows` copies of prompt `p` (image encoded each time, as a server without image cache)."""
-    from smolbox.preprocess import Encoded, pad_batch
-
-    batch = pad_batch([Encoded(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"])] * rows, 0)
-    times = []
+    batch, times = padded([p] * rows), []
     for _ in range(repeats + 1):
         started = time.perf_counter()
-        step = model.prefill(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
+        step = prefill(model, batch)
         times.append(time.perf_counter() - started)
         model.release(step)
     return round(sorted(times[1:])[len(times[1:]) // 2] * 1000, 2)
@@ -139,11 +141,7 @@ def prefill_ms(model, p: dict, rows: int, repeats: int = 3) -> float:
 
 def decode_rate(model, p: dict, rows: int, steps: int) -> float:
     """Tokens/s of `rows` copies of prompt `p` decoding together (prefilled as one batch)."""
-    from smolbox.preprocess import Encoded, pad_batch
-
-    enc = Encoded(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"])
-    batch = pad_batch([enc] * rows, 0)
-    step = model.prefill(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
+    step = prefill(model, padded([p] * rows))
     tokens = step.logits.argmax(-1).astype(np.int64)
     for _ in range(5):  # warm-up (and, with the CUDA graph, its capture)
         step = model.decode(step, tokens)

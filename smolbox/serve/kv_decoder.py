@@ -375,10 +375,7 @@ class SlotVLM(OnnxVLM):
             count = self.bucket(count)
         ids = np.full(count, self.pad_token_id, np.int64)
         ids[step.slots] = tokens
-        # Tokens so far per slot (the new one appends there); a slot of no row is written at 0 if free, at its
-        # next position otherwise (which its own next step overwrites before reading).
-        # (A free slot's length is 0: _free resets it.)
-        seqlens = np.where(self.lengths[:count] < self.capacity, self.lengths[:count], 0).astype(np.int32)
+        seqlens = self._step_seqlens(count)
         if self.cuda_graph:
             logits = self._graph_step(count, ids, seqlens)
         else:
@@ -386,6 +383,12 @@ class SlotVLM(OnnxVLM):
             logits = self._run_decoder(embeds, seqlens, 0)
         self.lengths[step.slots] += 1
         return SlotStep(logits[step.slots], list(step.slots))
+
+    def _step_seqlens(self, count: int) -> np.ndarray:
+        """`seqlens_k` of a decode step over slots 0 .. count-1: tokens so far per slot (the new one appends there); a
+        slot of no row is written at 0 if free (_free resets its length), at its next position otherwise (which its own
+        next step overwrites before reading), and at 0 if full."""
+        return np.where(self.lengths[:count] < self.capacity, self.lengths[:count], 0).astype(np.int32)
 
     def select(self, step: SlotStep, rows: list[int]) -> SlotStep:
         """Rows not in `rows` leave: their slots are free again."""
@@ -428,7 +431,7 @@ class SlotVLM(OnnxVLM):
         started = time.perf_counter()
         for bucket in self.buckets:
             ids = np.full(bucket, self.pad_token_id, np.int64)
-            seqlens = np.where(self.lengths[:bucket] < self.capacity, self.lengths[:bucket], 0).astype(np.int32)
+            seqlens = self._step_seqlens(bucket)
             for _ in range(runs):
                 self._graph_step(bucket, ids, seqlens)
         took = time.perf_counter() - started
