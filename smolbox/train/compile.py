@@ -15,12 +15,13 @@ Why the checkpoint stays outside: transformers 5.23 checkpoints a layer's `forwa
 `GradientCheckpointingLayer.__init_subclass__`, and only the outermost wrapper checkpoints (so that FSDP2's
 subclasses keep their hooks outside the checkpoint). `nn.Module.compile` compiles the module's call, so the
 checkpoint ran inside the compiled region, as a higher-order op whose recomputation is left to AOT autograd's
-partitioner: on an H200 (torch 2.11, inductor) the blocks' activations were kept instead of recomputed, 108 GiB
-against 18.5 eager at default.yaml's micro-batch (docs/benchmarks.md, "Training speed, second round"); on CPU
-(torch 2.13) the same graphs recompute, so a CPU test cannot show that size (docs/notes.md). The subclass's forward is wrapped by transformers like any
-subclass's and is the outermost, so the eager checkpoint calls the compiled function: in forward its saved tensors
-go to the checkpoint's hooks and are dropped, in backward the checkpoint reruns the compiled forward and then its
-compiled backward, as eager checkpointing does with the eager block (the same graph serves with checkpointing off).
+partitioner: on an H200 (torch 2.11, inductor) the blocks' activations were kept instead of recomputed, several
+times eager's peak memory at default.yaml's micro-batch (docs/benchmarks.md, "Training speed, second round"); on
+CPU (torch 2.13) the same graphs recompute, so a CPU test cannot show that size (docs/notes.md). The subclass's
+forward is wrapped by transformers like any subclass's and is the outermost, so the eager checkpoint calls the
+compiled function: in forward its saved tensors go to the checkpoint's hooks and are dropped, in backward the
+checkpoint reruns the compiled forward and then its compiled backward, as eager checkpointing does with the eager
+block (the same graph serves with checkpointing off).
 
 What it buys: the elementwise work between the matrix products (norms, residual adds, the MLP's activation and
 gate, rotary embeddings, DoRA's scale after its `addmm`) fused into fewer kernels; a profile of the eager step at

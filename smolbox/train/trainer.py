@@ -171,8 +171,8 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
         eval_strategy="steps" if eval_ds is not None else "no", eval_steps=t.eval_steps or t.logging_steps,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.dataloader_num_workers,
-        # Workers kept across epochs: started again, 8 of them cost 10-16 s at the first step of each epoch on an
-        # H200 (docs/benchmarks.md, lease 3). Which rows a batch holds is the sampler's, in this process: unchanged.
+        # Workers kept across epochs: started again, they stall the first step of each epoch (docs/benchmarks.md,
+        # lease 3). Which rows a batch holds is the sampler's, in this process: unchanged.
         dataloader_persistent_workers=t.dataloader_num_workers > 0,
         seed=t.seed, data_seed=t.seed,
         # Several processes: every step uses every adapter (each row has an image, so the vision tower's too), and
