@@ -401,7 +401,7 @@ def main() -> None:
             print("HTTP ERROR", r["error"])
             continue
         settings = ",".join(f"{k}={v}" for k, v in r.get("serve_set", {}).items()) or "default"
-        summary = r.get("server_memory_summary") or memory_summary(r.get("server_memory") or [])
+        summary = memory_summary(r.get("server_memory") or [])
         memory = ", ".join(f"{label} {m['first']} -> {m['last']} (max {m['max']})" for label, m in
                            (("GPU", summary.get("gpu_mib")), ("RSS", summary.get("rss_mib"))) if m) or "not read"
         print(f"HTTP {r['variant']} {r.get('batching', 'continuous'):<10} {settings:<28} {r['clients']:>3} clients "
