@@ -177,7 +177,7 @@ class OnnxVLM:
     def forward(self, embeds, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> Step:
         """One decoder call over `embeds` (prefill or one new token per row; a host array, or an OrtValue already on
         the GPU) with the cache so far."""
-        new = embeds.shape[1] if isinstance(embeds, np.ndarray) else embeds.shape()[1]
+        new = dims(embeds)[1]
         # Same positions as transformers' generate: count real tokens, padding gets 0.
         positions = np.cumsum(attention_mask, axis=-1) - 1
         positions = np.where(attention_mask == 0, 0, positions)[:, -new:]
@@ -292,6 +292,11 @@ class OnnxVLM:
         finally:
             self.release(step)
         return np.stack(generated, axis=1)
+
+
+def dims(value) -> tuple:
+    """The shape of a host array or of an OrtValue (whose shape is a method)."""
+    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
 
 
 def bind_input(binding, name: str, value, dtype=None) -> None:

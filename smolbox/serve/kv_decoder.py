@@ -44,7 +44,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import ORT_TO_NUMPY, PAST, PRESENT, graph_path
-from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers
+from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims
 
 log = logging.getLogger("smolbox.serve")
 
@@ -286,7 +286,8 @@ class SlotVLM(OnnxVLM):
         binding.bind_cpu_input("seqlens_k", seqlens)
         # A prompt (several positions) must give the padded length: GroupQueryAttention takes sequence length ==
         # total_sequence_length as a first prompt, where each row starts at position 0 of its slot.
-        total = embeds.shape[1] if embeds.shape[1] > 1 else seqlens.max() + 1
+        positions = dims(embeds)[1]
+        total = positions if positions > 1 else seqlens.max() + 1
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         binding.bind_cpu_input(LAST_INDEX, np.zeros(len(seqlens), np.int64) if last is None else last.astype(np.int64))
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows the order of binding

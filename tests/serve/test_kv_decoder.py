@@ -91,19 +91,21 @@ def test_rows_of_different_lengths_decode_together(random_export, pair, variant)
         assert tokens.tolist() == out[:, pair["input_ids"].shape[1]:].numpy().tolist()
 
 
-@pytest.mark.parametrize("variant,graph_path", [("fp32", False), ("q4", False), ("fp32", True)])
-def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, graph_path):
+@pytest.mark.parametrize("variant,graph_path,bind_io", [("fp32", False, False), ("q4", False, False), ("fp32", True, False),
+                                                     ("fp32", False, True)])
+def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, graph_path, bind_io):
     """Request A decodes alone; B (a different, shorter prompt) is prefilled into a free slot while A is mid-generation
     and joins; A leaves early and its slot is reused by C, a copy of A, which joins B. Every request's tokens
     equal those it gets alone, and the slots come back free. graph_path runs, on the CPU, the decode step the CUDA
     graphs replay: the slots of the smallest batch bucket that holds the rows, that bucket's fixed input/output
     buffers (embeddings written into the decoder's input buffer, lengths copied in place), total_sequence_length
-    fixed at the capacity."""
+    fixed at the capacity. bind_io runs CUDA's decode step without a graph: the step's embeddings an OrtValue left
+    in device memory (kv_slots_bench's "slots" runtime; its shape is a method there, not a tuple)."""
     model = slots(random_export, variant)
     alone_model = model
-    if graph_path:
+    if graph_path or bind_io:
         model = slots(random_export, variant)
-        model.cuda_graph = True
+        model.cuda_graph, model.bind_io = graph_path, bind_io
     a = {k: v[:1] for k, v in pair.items()}  # row 0 of the pair (its padding and padding image included)
     b = {k: v[1:] for k, v in pair.items()}
     alone = {"a": greedy(alone_model, a)[0].tolist(), "b": greedy(alone_model, b)[0].tolist()}
