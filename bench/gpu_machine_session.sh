@@ -34,6 +34,9 @@
 #                                          prefill: bench/kv_slots_bench.py, then HTTP 32 clients x 256 tokens, 20 s
 #                                          each: the published decoder without image cache, the default server, and the
 #                                          default with a prefill budget of 8192 tokens a step (several newcomers a call)
+#   bash bench/gpu_machine_session.sh serve7       (after export-base) the default server (preprocessing in threads) against
+#                                          serve.preprocess_workers=4 and 8, HTTP 32 clients x 256 tokens, 20 s each, the
+#                                          engine thread's time by phase; py-spy of the default server (a carried wheel)
 #   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server under 32 clients x 256 tokens for
 #                                          5 minutes, its GPU memory and RSS read 10 times (first, last, max)
 set -uo pipefail
@@ -176,6 +179,22 @@ case "${1:?stage}" in
       max_prefill_tokens_per_step=8192 \
       --json "$OUT/serve6.json" 2>&1 | grep -vE "Warn|warn" | tail -5
     grep -hE "CUDA graphs of the decode step captured" "$OUT"/serve_q4f16.log
+    ;;
+  serve7)  # (after export-base) issue #13: request preprocessing in worker processes (serve.preprocess_workers) against
+           # threads, HTTP 32 clients x 256 tokens, 20 s each, with the engine thread's time by phase; a py-spy profile
+           # of the first (default) server's threads, when .devcarry holds a py-spy wheel: who holds the GIL, then all
+    spy=$(ls .devcarry/py_spy-*.whl 2>/dev/null | head -1)
+    if [ -n "$spy" ] && python3 -m pip install -q --no-deps --no-index --target /tmp/spy "$spy"; then
+      (for _ in $(seq 90); do pid=$(pgrep -f "smolbox serve" | head -1); [ -n "$pid" ] && break; sleep 1; done
+       sleep 16
+       /tmp/spy/bin/py-spy record -p "$pid" -d 6 -r 200 --threads --gil -f raw -o "$OUT/spy_gil.txt" >"$OUT/spy.log" 2>&1
+       /tmp/spy/bin/py-spy record -p "$pid" -d 6 -r 200 --threads --idle -f raw -o "$OUT/spy_all.txt" >>"$OUT/spy.log" 2>&1) &
+    fi
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
+      --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 \
+      --serve-sets ${SERVE_SETS:-default preprocess_workers=4 preprocess_workers=8} \
+      --json "$OUT/serve7.json" 2>&1 | grep -vE "Warn|warn" | tail -9
+    wait
     ;;
   serve-soak)
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \

@@ -244,6 +244,31 @@ def server_memory_mib(pid: int) -> dict:
     return out
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The server's engine counters from /metrics: seconds by phase, decode steps and rows decoded."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith('smolbox_engine_seconds_total{phase="'):
+            out[name.split('"')[1] + "_s"] = float(value)
+        elif name in ("smolbox_decode_steps_total", "smolbox_decode_rows_total"):
+            out[name.removeprefix("smolbox_").removesuffix("_total")] = float(value)
+    return out
+
+
+def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict:
+    """What the engine thread did over a load run of `wall_s` seconds: seconds by phase (and their sum against the
+    wall), decode steps, mean rows a step and wall ms per decode step."""
+    delta = {k: round(after.get(k, 0.0) - before.get(k, 0.0), 3) for k in after}
+    phases = sum(v for k, v in delta.items() if k.endswith("_s"))
+    steps = delta.get("decode_steps", 0.0)
+    return {**delta, "wall_s": round(wall_s, 2), "phases_s": round(phases, 2),
+            "mean_decode_rows": round(delta.get("decode_rows", 0.0) / steps, 2) if steps else None,
+            "decode_ms_per_step": round(1e3 * delta.get("decode_s", 0.0) / steps, 3) if steps else None}
+
+
 def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tokens: int, max_batch: int,
          continuous: bool = True, ort_config: dict[str, str] | None = None, serve_set: dict[str, str] | None = None,
          samples: int = 1) -> list[dict]:
@@ -280,10 +305,12 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
         rows = []
         for n in clients:
             memory, part = [server_memory_mib(server.pid)], []
+            counters, started = engine_counters(url), time.perf_counter()
             for _ in range(samples):  # one load run in `samples` parts, the server's memory read after each
                 part.append(run(url, n, seconds / samples, max_tokens, (512, 384), None))
                 memory.append(server_memory_mib(server.pid))
             row = part[0] if samples == 1 else merge_load_parts(part)
+            row["engine"] = engine_breakdown(counters, engine_counters(url), time.perf_counter() - started)
             row.update(variant=variant, provider=health.get("provider"), max_batch_size=max_batch, max_tokens=max_tokens,
                        batching="continuous" if continuous else "static", ort_session_config=ort_config or {},
                        serve_set=serve_set or {}, server_memory=memory, server_memory_summary=memory_summary(memory))
@@ -408,6 +435,11 @@ def main() -> None:
               f"{r['seconds']:.0f} s: {r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, ttft p50 "
               f"{r['ttft_p50_s']:.3f} s p99 {r['ttft_p99_s']:.3f} s, latency p50 {r['latency_p50_s']:.2f} s, errors "
               f"{r['errors']}, server memory MiB ({len(r.get('server_memory') or [])} readings): {memory}")
+        if r.get("engine"):
+            e = r["engine"]
+            phases = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in e.items() if k.endswith("_s") and k not in ("wall_s", "phases_s"))
+            print(f"     engine thread over {e['wall_s']:.0f} s: {phases} s (sum {e['phases_s']:.1f}); {e.get('decode_steps', 0):.0f} "
+                  f"decode steps of {e['mean_decode_rows']} rows, {e['decode_ms_per_step']} ms each")
 
 
 if __name__ == "__main__":

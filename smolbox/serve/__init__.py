@@ -2,6 +2,8 @@
 serving image has none; tests/serve/test_app.py keeps it so).
 
   api.py         the request: typed models, the server's limits, OpenAI-style errors
+  prepare.py     a request body to model inputs (validation, template, image tiles, tokens), in threads or worker
+                 processes (serve.preprocess_workers)
   engine.py      the engine: one thread, continuous batching in steps, rows that stream text and know when to stop
   scheduler.py   who starts in each step (batch room, prefill-token budget, KV capacity); the image cache
   metrics.py     Prometheus metrics

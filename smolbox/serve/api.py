@@ -28,6 +28,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def __reduce__(self):  # raised in a preprocessing worker process (smolbox.serve.prepare), re-raised here
+        return APIError, (self.status, self.message, self.param, self.code, self.kind)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 

@@ -24,9 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import logs
 from ..config import Config
 from . import access_log
-from .api import APIError, Prompt, validate
+from .api import APIError
 from .engine import Engine, GenRequest
 from .metrics import Metrics
+from .prepare import Preparer
 from .scheduler import QueueFull
 
 log = logging.getLogger("smolbox.serve")
@@ -46,10 +47,13 @@ def build_app(cfg: Config) -> FastAPI:
     engine = Engine(cfg, folder, metrics)
     created = int(time.time())
 
+    preparer = Preparer(folder, cfg.serve, model_name, engine)
+
     async def lifespan(app):
         engine.start()
         yield
         engine.stop()
+        preparer.close()
 
     app = FastAPI(title="smolbox", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -89,7 +93,7 @@ def build_app(cfg: Config) -> FastAPI:
             raise APIError(503, "The model is still loading; retry shortly.", code="model_loading", kind="server_error")
         body = await _read_body(request, cfg.serve.max_body_bytes)
         # Image decoding, tiling and tokenization take tens of ms of CPU: off the event loop, so streams keep flowing.
-        prompt, encoded, images = await asyncio.to_thread(_prepare, body, cfg, model_name, engine)
+        prompt, encoded, images = await preparer(body)
         prompt_tokens = int(encoded.input_ids.shape[1])
         logged = access_log.usage(request.scope)
         logged["prompt_tokens"] = prompt_tokens
@@ -117,14 +121,6 @@ def build_app(cfg: Config) -> FastAPI:
         return await completion.whole()
 
     return app
-
-
-def _prepare(body, cfg: Config, model_name: str, engine: Engine):
-    """Validate the request and turn it into model inputs and image keys (runs in a worker thread)."""
-    prompt: Prompt = validate(body, cfg.serve, model_name)
-    text = engine.preprocessor.render_chat(prompt.chat, add_generation_prompt=True)
-    encoded = engine.preprocessor.encode(text, prompt.images)
-    return prompt, encoded, engine.image_parts(encoded)
 
 
 async def _read_body(request: Request, limit: int) -> object:

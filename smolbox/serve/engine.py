@@ -26,7 +26,7 @@ from ..preprocess import Encoded, Preprocessor, pad_batch
 from ..runtime import OnnxVLM, Step, default_providers
 from .kv_decoder import load_runtime
 from .metrics import Metrics
-from .scheduler import ImageCache, Scheduler, image_parts, stack_tiles
+from .scheduler import ImageCache, Scheduler, stack_tiles
 
 log = logging.getLogger("smolbox.serve")
 
@@ -47,7 +47,7 @@ class GenRequest:
     events: asyncio.Queue  # the engine posts ("token", text_delta) / ("done", finish_reason, completion_tokens)
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.perf_counter)
-    images: list[tuple[bytes, np.ndarray]] = field(default_factory=list)  # (key, tiles) per image: Engine.image_parts
+    images: list[tuple[bytes, np.ndarray]] = field(default_factory=list)  # (key, tiles) per image: scheduler.image_parts
 
     def post(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -113,10 +113,6 @@ class Engine:
         self.scheduler.submit(request)
         self.metrics.queue_depth.set(self.scheduler.waiting())
 
-    def image_parts(self, encoded: Encoded) -> list[tuple[bytes, np.ndarray]]:
-        """A request's images as (key, tiles), for GenRequest.images (called in the request's worker thread)."""
-        return image_parts(encoded, self.identity)
-
     def _main(self) -> None:
         try:
             self._load()
@@ -146,7 +142,7 @@ class Engine:
     def _step(self, batch: Batch | None) -> Batch | None:
         """One engine step (continuous batching): sample a token for every running row from the current logits, let
         finished rows leave, decode one step for the others, then prefill this step's newcomers and let them join."""
-        model, step, rows = self.model, None, []
+        model, step, rows, clock = self.model, None, [], _PhaseClock(self.metrics.engine_seconds)
         if batch is not None:
             tokens = batch.step.logits.argmax(-1).astype(np.int64)  # greedy rows: one call for the batch
             for i, row in enumerate(batch.rows):
@@ -156,14 +152,18 @@ class Engine:
                 if row.finished:
                     self.scheduler.release(row.request)
             keep = [i for i, row in enumerate(batch.rows) if not row.finished]
+            clock.lap("rows")
             if not keep:
                 model.release(batch.step)  # every row finished: their KV slots are free for this step's newcomers
             else:
                 step = batch.step if len(keep) == len(batch.rows) else model.select(batch.step, keep)
                 rows = [batch.rows[i] for i in keep]
                 step = model.decode(step, tokens[keep])
+                self.metrics.decode_steps.inc()
+                self.metrics.decode_rows.inc(len(rows))
+            clock.lap("decode")
         if not rows or self.cfg.serve.continuous_batching:
-            newcomers = self._admit(running=len(rows))
+            newcomers = self._admit(running=len(rows), clock=clock)
             if newcomers is not None and step is None:
                 step, rows = newcomers.step, newcomers.rows
             elif newcomers is not None:
@@ -174,10 +174,11 @@ class Engine:
                     raise
                 rows = rows + newcomers.rows
                 self.metrics.joins.inc(len(newcomers.rows))
+                clock.lap("merge")
         self.metrics.decoding.set(len(rows))
         return Batch(step, rows) if rows else None
 
-    def _admit(self, running: int) -> Batch | None:
+    def _admit(self, running: int, clock: _PhaseClock) -> Batch | None:
         """Prefill this step's newcomers as one left-padded batch (None when there are none, or it failed)."""
         model = self.model
         requests = self.scheduler.take(running, lambda lengths: prefill_fits(lengths, model.vocab_size, model.logits_all_positions))
@@ -187,10 +188,13 @@ class Engine:
         self.metrics.batch_size.observe(len(requests))
         rows = [Row(r, self.preprocessor) for r in requests]
         try:
+            clock.lap("rows")
             features = self._image_features(requests)
+            clock.lap("vision")
             inputs = pad_batch([Encoded(r.encoded.input_ids, r.encoded.attention_mask, None, None) for r in requests],
                                self.preprocessor.pad_token_id)
             step = model.prefill(inputs["input_ids"], inputs["attention_mask"], image_features=features)
+            clock.lap("prefill")
         except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
             log.exception("serve: prefill failed")
             self._drop(rows, exc)
@@ -200,7 +204,7 @@ class Engine:
     def _image_features(self, requests: list[GenRequest]) -> np.ndarray | None:
         """The image features of these prompts, in order [tiles, tokens, hidden]: cached ones from the image cache,
         the others from one vision-encoder call over all their tiles."""
-        parts = [part for r in requests for part in (r.images or self.image_parts(r.encoded))]
+        parts = [part for r in requests for part in r.images]
         if not parts:
             return None
         found: dict[bytes, np.ndarray] = {}
@@ -251,6 +255,18 @@ class Engine:
         if not self.ready.is_set():
             return {"status": "loading"}
         return {"status": "ok", "provider": self.model.provider, "variant": self.variant, "model": str(self.folder)}
+
+
+class _PhaseClock:
+    """Adds the time since the last lap to a phase's counter (smolbox_engine_seconds_total)."""
+
+    def __init__(self, counter):
+        self.counter, self.last = counter, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.counter.labels(phase).inc(now - self.last)
+        self.last = now
 
 
 def _fail(requests: list[GenRequest], exc: Exception) -> None:

@@ -1,6 +1,6 @@
 """The server's Prometheus metrics (GET /metrics): requests and errors, latency and time to first token, tokens,
-queue depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image-cache hits and misses. One
-registry per app, so two servers in one process never share counts."""
+queue depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image-cache hits and misses, and the
+engine thread's time by phase (what a step's wall time goes to under load). One registry per app, so two servers in one process never share counts."""
 
 from __future__ import annotations
 
@@ -25,4 +25,9 @@ class Metrics:
         self.vision_calls = Counter("smolbox_vision_encoder_calls_total", "Vision encoder runs (one per prefill batch with uncached images)", registry=registry)
         self.image_cache_hits = Counter("smolbox_image_cache_hits_total", "Images whose vision features came from the image cache", registry=registry)
         self.image_cache_misses = Counter("smolbox_image_cache_misses_total", "Images that went through the vision encoder", registry=registry)
+        self.engine_seconds = Counter("smolbox_engine_seconds_total", "Engine thread time by phase: rows (sampling, text and "
+                                      "events of the running rows), decode (decode steps), vision (vision encoder), prefill "
+                                      "(newcomers' decoder prefill), merge (newcomers joining the running batch)", ["phase"], registry=registry)
+        self.decode_steps = Counter("smolbox_decode_steps_total", "Decode steps run", registry=registry)
+        self.decode_rows = Counter("smolbox_decode_rows_total", "Rows decoded, summed over decode steps", registry=registry)
         self.image_cache_bytes = Gauge("smolbox_image_cache_bytes", "Bytes of vision features in the image cache", registry=registry)

@@ -488,3 +488,43 @@ print(json.dumps(demo_request(cfg, Image.new("RGB", (48, 64), (200, 40, 40)), "W
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(result.stdout.splitlines()[-1])
     assert isinstance(answer, str) and answer == pytorch_answer(folder, "What color is the square?", png((200, 40, 40)), 16)
+
+
+def test_preprocessing_in_worker_processes_gives_the_same_answers_and_errors(server, folder):
+    """serve.preprocess_workers=2: requests are validated, their images decoded and tiled and their text tokenized
+    in two spawned worker processes. Answers (image and text prompts, a repeated image from the cache, requests in
+    parallel), and every hostile input's status and error body (an APIError raised in a worker), equal those of the
+    threaded server; SIGTERM leaves no worker process behind."""
+    workers = Server(folder, api_key=API_KEY, max_batch_size=8, batch_wait_ms=20, preprocess_workers=2)
+    try:
+        def answer(target, body):
+            status, text = post(target.url, body)
+            return status, json.loads(text)["choices"][0] if status == 200 else json.loads(text)
+
+        picture = chat("What is in this picture?", png((123, 45, 67), (52, 44)), max_tokens=8)
+        for body in (picture, picture, chat("Say something.", None, max_tokens=8)):
+            assert answer(workers, body) == answer(server, body)
+        bodies = [chat(f"Picture {i}?", png((25 * i, 200 - 20 * i, 90), (36 + 5 * i, 44)), max_tokens=6) for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda b: answer(workers, b), bodies))
+        assert together == [answer(server, b) for b in bodies]
+        for case, make in HOSTILE.items():
+            body = make()
+            assert post(workers.url, body) == post(server.url, body), case
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(workers.proc.pid)], capture_output=True,
+                                                       text=True).stdout.split()]
+        assert len(children) >= 2, "no worker processes"  # two workers (spawn may add its resource tracker)
+        workers.stop()
+
+        def alive(pid):  # a zombie (exited, not yet reaped where no init process reaps orphans) counts as gone
+            try:
+                return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                return False
+
+        deadline = time.time() + 10
+        while any(alive(pid) for pid in children) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if alive(pid)], "a worker process outlived the server"
+    finally:
+        workers.stop()

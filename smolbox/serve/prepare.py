@@ -1,0 +1,79 @@
+"""A request body to model inputs: validation, the chat template, image decoding and tiling, tokenization and the
+images' cache keys. Runs off the event loop: in threads of the server process, or with serve.preprocess_workers > 0
+in that many worker processes.
+
+Why processes: tiling an image is numpy and PIL work that takes and releases the server process's GIL many times
+per request, and every time the engine thread comes back from onnxruntime (which runs without the GIL) it waits for
+the GIL behind those threads, up to the interpreter's switch interval each time, so its steps stretch under load. A
+worker process has a GIL of its own; the server gets back the token ids and the images' tiles and keys (pickled: the
+decoded images and the padded pixel batch stay in the worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ServeConfig
+from ..preprocess import Encoded, Preprocessor
+from .api import Prompt, validate
+from .scheduler import image_parts
+
+Prepared = tuple[Prompt, Encoded, list[tuple[bytes, np.ndarray]]]
+
+
+def prepare(body, limits: ServeConfig, model_name: str, preprocessor: Preprocessor, identity: bytes) -> Prepared:
+    """Validate the request (APIError when it is not valid), then its model inputs and its images' (key, tiles)."""
+    prompt = validate(body, limits, model_name)
+    text = preprocessor.render_chat(prompt.chat, add_generation_prompt=True)
+    encoded = preprocessor.encode(text, prompt.images)
+    return prompt, encoded, image_parts(encoded, identity)
+
+
+class Preparer:
+    """`await preparer(body)`: `prepare` in a thread of this process, or in a worker process when `workers` > 0.
+    The export's pixel dtype and identity come from the engine once it has loaded (they are sent with each call)."""
+
+    def __init__(self, folder: Path, limits: ServeConfig, model_name: str, engine):
+        self.limits, self.model_name, self.engine = limits, model_name, engine
+        self.pool = None
+        if limits.preprocess_workers > 0:
+            # spawn, not fork: the server process runs threads (the engine, onnxruntime's) that a fork would copy
+            # mid-flight.
+            self.pool = ProcessPoolExecutor(limits.preprocess_workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_worker, initargs=(str(folder), limits, model_name))
+            for _ in range(limits.preprocess_workers):  # the pool starts a process per task while none is idle: all
+                self.pool.submit(int)  # start now, while the model loads, not in the first requests' time
+
+    async def __call__(self, body) -> Prepared:
+        engine = self.engine
+        if self.pool is None:
+            return await asyncio.to_thread(prepare, body, self.limits, self.model_name, engine.preprocessor, engine.identity)
+        loop = asyncio.get_running_loop()
+        dtype = np.dtype(engine.preprocessor.pixel_dtype).name
+        return await loop.run_in_executor(self.pool, _prepare_in_worker, body, dtype, engine.identity)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_worker: tuple[Preprocessor, ServeConfig, str] | None = None  # in a worker process: set by _start_worker
+
+
+def _start_worker(folder: str, limits: ServeConfig, model_name: str) -> None:
+    global _worker
+    _worker = (Preprocessor(folder), limits, model_name)
+
+
+def _prepare_in_worker(body, pixel_dtype: str, identity: bytes) -> Prepared:
+    preprocessor, limits, model_name = _worker
+    preprocessor.pixel_dtype = np.dtype(pixel_dtype)
+    prompt, encoded, parts = prepare(body, limits, model_name, preprocessor, identity)
+    # What the engine reads: the ids and each image's tiles and key (parts), not the images or the padded batch.
+    return replace(prompt, images=[]), replace(encoded, pixel_values=None, pixel_attention_mask=None), parts
