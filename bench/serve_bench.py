@@ -244,6 +244,12 @@ def server_memory_mib(pid: int) -> dict:
     return out
 
 
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process's main thread, the server's event loop (its task id is the pid)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def engine_counters(url: str) -> dict[str, float]:
     """The server's engine counters from /metrics: seconds by phase, decode steps and rows decoded."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
@@ -305,12 +311,16 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
         rows = []
         for n in clients:
             memory, part = [server_memory_mib(server.pid)], []
-            counters, started = engine_counters(url), time.perf_counter()
+            counters, started, loop_cpu = engine_counters(url), time.perf_counter(), main_thread_cpu_s(server.pid)
             for _ in range(samples):  # one load run in `samples` parts, the server's memory read after each
                 part.append(run(url, n, seconds / samples, max_tokens, (512, 384), None))
                 memory.append(server_memory_mib(server.pid))
             row = part[0] if samples == 1 else merge_load_parts(part)
             row["engine"] = engine_breakdown(counters, engine_counters(url), time.perf_counter() - started)
+            # The event loop streams every token (SSE chunk, HTTP write) and holds the GIL meanwhile.
+            loop_cpu = main_thread_cpu_s(server.pid) - loop_cpu
+            tokens = row["tokens_per_s"] * row["seconds"]
+            row["event_loop"] = {"cpu_s": round(loop_cpu, 2), "cpu_ms_per_1k_tokens": round(1e6 * loop_cpu / tokens, 1) if tokens else None}
             row.update(variant=variant, provider=health.get("provider"), max_batch_size=max_batch, max_tokens=max_tokens,
                        batching="continuous" if continuous else "static", ort_session_config=ort_config or {},
                        serve_set=serve_set or {}, server_memory=memory, server_memory_summary=memory_summary(memory))
@@ -438,6 +448,8 @@ def main() -> None:
         if r.get("engine"):
             e = r["engine"]
             phases = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in e.items() if k.endswith("_s") and k not in ("wall_s", "phases_s"))
+            if r.get("event_loop"):
+                print(f"     event loop (main thread) CPU {r['event_loop']['cpu_s']} s, {r['event_loop']['cpu_ms_per_1k_tokens']} ms per 1,000 tokens")
             print(f"     engine thread over {e['wall_s']:.0f} s: {phases} s (sum {e['phases_s']:.1f}); {e.get('decode_steps', 0):.0f} "
                   f"decode steps of {e['mean_decode_rows']} rows, {e['decode_ms_per_step']} ms each")
 

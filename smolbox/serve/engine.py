@@ -53,6 +53,28 @@ class GenRequest:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+class Outbox:
+    """Events of the rows of an engine step, handed to their event loop together when the step ends: one wake-up of
+    the loop a step instead of one a token (each call_soon_threadsafe takes the loop's lock and writes to its
+    wake-up pipe, and each wake-up runs on the loop's thread, which holds the GIL the engine thread needs)."""
+
+    def __init__(self):
+        self.pending: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def post(self, request: GenRequest, *event) -> None:
+        self.pending.setdefault(request.loop, []).append((request.events, event))
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for loop, items in pending.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 def resolve_variant(choice: str, folder: Path, providers: list[str] | None) -> str:
     """serve.variant=auto: q4 with fp16 activations on a GPU, q4 on the CPU (fp16 arithmetic is slow there),
     else the first variant the export has."""
@@ -93,6 +115,7 @@ class Engine:
     def __init__(self, cfg: Config, folder: Path, metrics: Metrics):
         self.cfg, self.folder, self.metrics = cfg, folder, metrics
         self.scheduler = Scheduler(cfg.serve)
+        self.outbox = Outbox()
         self.image_cache = ImageCache(int(cfg.serve.image_cache_mb * 2**20))
         self.identity = b""  # the export's identity in image keys (set when the sessions load)
         self.ready = threading.Event()
@@ -141,7 +164,14 @@ class Engine:
 
     def _step(self, batch: Batch | None) -> Batch | None:
         """One engine step (continuous batching): sample a token for every running row from the current logits, let
-        finished rows leave, decode one step for the others, then prefill this step's newcomers and let them join."""
+        finished rows leave, decode one step for the others, then prefill this step's newcomers and let them join.
+        The rows' events go out together at the end (Outbox), also when the step fails, before its error."""
+        try:
+            return self._run_step(batch)
+        finally:
+            self.outbox.flush()
+
+    def _run_step(self, batch: Batch | None) -> Batch | None:
         model, step, rows, clock = self.model, None, [], _PhaseClock(self.metrics.engine_seconds)
         if batch is not None:
             tokens = batch.step.logits.argmax(-1).astype(np.int64)  # greedy rows: one call for the batch
@@ -186,7 +216,7 @@ class Engine:
         if not requests:
             return None
         self.metrics.batch_size.observe(len(requests))
-        rows = [Row(r, self.preprocessor) for r in requests]
+        rows = [Row(r, self.preprocessor, self.outbox) for r in requests]
         try:
             clock.lap("rows")
             features = self._image_features(requests)
@@ -285,8 +315,10 @@ class Batch:
 class Row:
     """A request's progress inside a batch: its tokens, the text already sent, and when to stop."""
 
-    def __init__(self, request: GenRequest, preprocessor: Preprocessor):
+    def __init__(self, request: GenRequest, preprocessor: Preprocessor, outbox: Outbox | None = None):
         self.request, self.pre = request, preprocessor
+        # Events through the engine's outbox (delivered when its step ends), or straight to the request's loop.
+        self._post = (lambda *event: outbox.post(request, *event)) if outbox is not None else request.post
         self.rng = np.random.default_rng(request.seed)
         self.text = IncrementalText(preprocessor)  # the completion's tokens and text, end-of-utterance excluded
         self.generated = 0  # every sampled token counts towards usage, end-of-utterance included
@@ -297,7 +329,7 @@ class Row:
         r = self.request
         self.generated += 1
         if self.generated == 1:
-            r.post("first_token")
+            self._post("first_token")
         if token in self.pre.eos_token_ids:
             return self._finish("stop", self.text.final())
         before = len(self.text.text)
@@ -316,15 +348,15 @@ class Row:
                     safe -= k
                     break
         if safe > len(self.sent):
-            r.post("token", text[len(self.sent):safe])
+            self._post("token", text[len(self.sent):safe])
             self.sent = text[:safe]
 
     def _finish(self, reason: str, text: str) -> None:
         if len(text) > len(self.sent):
-            self.request.post("token", text[len(self.sent):])
+            self._post("token", text[len(self.sent):])
         self.sent = text
         self.finished = True
-        self.request.post("done", reason, self.generated)
+        self._post("done", reason, self.generated)
 
 
 class IncrementalText:

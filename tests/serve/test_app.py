@@ -528,3 +528,38 @@ def test_preprocessing_in_worker_processes_gives_the_same_answers_and_errors(ser
         assert not [pid for pid in children if alive(pid)], "a worker process outlived the server"
     finally:
         workers.stop()
+
+
+def test_token_chunks_are_the_json_of_their_fields_and_text_that_waits_together_is_one_chunk():
+    """_Completion.stream writes token chunks from a template made once: each parses to the chunk json.dumps makes,
+    for text with quotes, backslashes, a newline, NUL and non-ASCII characters (a model name with a quote too); text
+    events that wait in the queue together (the engine ran ahead of the loop) go out as one chunk."""
+    import asyncio
+
+    from smolbox.serve.app import _Completion
+    from smolbox.serve.engine import GenRequest
+    from smolbox.serve.metrics import Metrics
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = GenRequest(encoded=None, prompt_tokens=3, max_tokens=8, temperature=0.0, top_p=1.0, seed=None, stop=[],
+                         events=asyncio.Queue(), loop=loop)
+        pieces = ['a "quoted" word', "back\\slash", "new\nline", "nul\0", "é中🙂"]
+        for event in [("first_token",), *(("token", p) for p in pieces), ("done", "length", 5)]:
+            job.events.put_nowait(event)
+        completion = _Completion("chatcmpl-x", 1, 'model"name', job, Metrics(), {})
+
+        async def collect():
+            return [c async for c in completion.stream(include_usage=True)]
+
+        chunks = loop.run_until_complete(collect())
+    finally:
+        loop.close()
+    assert chunks[-1] == "data: [DONE]\n\n" and all(c.startswith("data: ") and c.endswith("\n\n") for c in chunks)
+    bodies = [json.loads(c[len("data: "):]) for c in chunks[:-1]]
+    head = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": 'model"name', "system_fingerprint": None}
+    assert bodies[1] == {**head, "choices": [{"index": 0, "delta": {"content": "".join(pieces)}, "logprobs": None,
+                                              "finish_reason": None}], "usage": None}
+    assert [b["choices"][0]["delta"] if b["choices"] else b["usage"] for b in bodies] == [
+        {"role": "assistant", "content": ""}, {"content": "".join(pieces)}, {},
+        {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}]
