@@ -116,6 +116,7 @@ class Engine:
         self.cfg, self.folder, self.metrics = cfg, folder, metrics
         self.scheduler = Scheduler(cfg.serve)
         self.outbox = Outbox()
+        self.phase_seconds = {p: metrics.engine_seconds.labels(p) for p in ("rows", "decode", "vision", "prefill", "merge")}
         self.image_cache = ImageCache(int(cfg.serve.image_cache_mb * 2**20))
         self.identity = b""  # the export's identity in image keys (set when the sessions load)
         self.ready = threading.Event()
@@ -172,7 +173,7 @@ class Engine:
             self.outbox.flush()
 
     def _run_step(self, batch: Batch | None) -> Batch | None:
-        model, step, rows, clock = self.model, None, [], _PhaseClock(self.metrics.engine_seconds)
+        model, step, rows, clock = self.model, None, [], _PhaseClock(self.phase_seconds)
         if batch is not None:
             tokens = batch.step.logits.argmax(-1).astype(np.int64)  # greedy rows: one call for the batch
             for i, row in enumerate(batch.rows):
@@ -288,14 +289,15 @@ class Engine:
 
 
 class _PhaseClock:
-    """Adds the time since the last lap to a phase's counter (smolbox_engine_seconds_total)."""
+    """Adds the time since the last lap to a phase's counter (smolbox_engine_seconds_total); `counters` maps each
+    phase to its labelled child, looked up once (labels() takes a lock and builds a key on every call)."""
 
-    def __init__(self, counter):
-        self.counter, self.last = counter, time.perf_counter()
+    def __init__(self, counters: dict):
+        self.counters, self.last = counters, time.perf_counter()
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
-        self.counter.labels(phase).inc(now - self.last)
+        self.counters[phase].inc(now - self.last)
         self.last = now
 
 

@@ -293,6 +293,11 @@ def test_metrics_are_prometheus_text(server):
     for name in ("smolbox_requests_total", "smolbox_request_errors_total", "smolbox_request_latency_seconds_bucket",
                  "smolbox_time_to_first_token_seconds_bucket", "smolbox_generated_tokens_total", "smolbox_queue_depth"):
         assert name in text, name
+    # The engine thread's time by phase, and its decode steps: a 2-token answer took a prefill and a decode step.
+    for phase in ("rows", "decode", "prefill"):
+        assert metric(server, f'smolbox_engine_seconds_total{{phase="{phase}"}}') > 0, phase
+    steps, rows = metric(server, "smolbox_decode_steps_total"), metric(server, "smolbox_decode_rows_total")
+    assert steps >= 1 and rows >= steps
 
 
 def test_full_queue_gets_429_then_sigterm_drains_in_flight_requests(folder):
