@@ -204,8 +204,7 @@ class ServeConfig(_Section):
                                  "that a repeated image reuses instead of running the vision encoder; 0 = off")
     preprocess_workers: int = Field(
         0, ge=0, description="Processes that validate requests and decode, tile and tokenize their images (each with a "
-                             "GIL of its own, so the engine thread does not wait behind that work); 0 = threads of the "
-                             "server process")
+                             "GIL of its own, which the engine thread never waits for); 0 = threads of the server process")
     max_body_bytes: int = Field(20_000_000, gt=0, description="Largest request body")
     max_image_pixels: int = Field(16_000_000, gt=0, description="Largest decoded image (width x height)")
     max_images: int = Field(4, ge=0, description="Images per request")

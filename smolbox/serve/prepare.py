@@ -2,11 +2,12 @@
 images' cache keys. Runs off the event loop: in threads of the server process, or with serve.preprocess_workers > 0
 in that many worker processes.
 
-Why processes: tiling an image is numpy and PIL work that takes and releases the server process's GIL many times
-per request, and every time the engine thread comes back from onnxruntime (which runs without the GIL) it waits for
-the GIL behind those threads, up to the interpreter's switch interval each time, so its steps stretch under load. A
-worker process has a GIL of its own; the server gets back the token ids and the images' tiles and keys (pickled: the
-decoded images and the padded pixel batch stay in the worker).
+Why processes: tiling an image is numpy and PIL work in Python, and threads of the server process share one GIL
+with the engine thread, which needs it back every time onnxruntime returns. A worker process has a GIL of its own;
+the server gets back the token ids and the images' tiles and keys (pickled: the decoded images and the padded pixel
+batch stay in the worker). On an H200 at 32 clients the gain was small (docs/benchmarks.md, lease 5): numpy and
+PIL release the GIL for most of that work, and the event loop, not preprocessing, held it most; so processes are
+off by default.
 """
 
 from __future__ import annotations
