@@ -1,6 +1,7 @@
 """The server's Prometheus metrics (GET /metrics): requests and errors, latency and time to first token, tokens,
 queue depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image-cache hits and misses, and the
-engine thread's time by phase (what a step's wall time goes to under load). One registry per app, so two servers in one process never share counts."""
+engine thread's time by phase (what a step's wall time goes to under load). One registry per app, so two servers in
+one process never share counts."""
 
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ How it fits with the rest:
   anyway. Parameters keep static shapes (dynamo's default), so the weights' sizes stay constants in the kernels.
   No bucketing: padding to buckets would cost compute for nothing. `recompile_limit` is raised so the few variants
   a run needs (train / eval, adapters on / off) never fall back to eager. The reference pass before training
-  (train.precompute_ref_logps) runs the compiled blocks as well (trainer.py), so reference and policy round alike.
+  (train.precompute_ref_logps) runs the compiled blocks as well (trainer.py), but under no_grad they run the
+  inference graphs, which round otherwise than the training graphs the policy runs (docs/benchmarks.md, lease 4).
 - DDP: only the blocks are compiled, not the DDP-wrapped model, so DDP's gradient hooks are the eager ones.
 - Pickling a whole model (not done by smolbox: checkpoints are state dicts) would need the subclass by name; it is
   made at run time, so only the process that compiled could load such a pickle.

@@ -78,9 +78,8 @@ class SmolboxDPOTrainer(DPOTrainer):
         values = {}  # batch index -> (chosen, rejected) log-probs
         first_batch_s = 0.0
         # train.compile: this pass runs the compiled blocks too (their no-grad graphs, which evaluation compiles
-        # anyway), so that the reference log-probs round as the policy's do. From the eager pass, the compiled
-        # policy started apart from its own reference (step 1 not at ln 2) and its 50-step loss curve left eager's
-        # by more than eager runs differ (docs/benchmarks.md, lease 3).
+        # anyway), in the hope that reference and policy round alike. They do not: the no-grad graphs round
+        # otherwise than the training graphs, and step 1 is not at ln 2 either way (docs/benchmarks.md, lease 4).
         with self.accelerator.autocast():
             for b, batch in zip(mine, loader):
                 batch = self._prepare_inputs(batch)
@@ -171,8 +170,9 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
         eval_strategy="steps" if eval_ds is not None else "no", eval_steps=t.eval_steps or t.logging_steps,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.dataloader_num_workers,
-        # Workers kept across epochs: started again, they stall the first step of each epoch (docs/benchmarks.md,
-        # lease 3). Which rows a batch holds is the sampler's, in this process: unchanged.
+        # Workers kept across epochs rather than started again for each. (The stall at each epoch's first step
+        # that this was meant for stayed: one worker builds that first batch whole; docs/benchmarks.md, lease 4.)
+        # Which rows a batch holds is the sampler's, in this process: unchanged.
         dataloader_persistent_workers=t.dataloader_num_workers > 0,
         seed=t.seed, data_seed=t.seed,
         # Several processes: every step uses every adapter (each row has an image, so the vision tower's too), and
