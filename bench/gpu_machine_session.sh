@@ -37,6 +37,9 @@
 #   bash bench/gpu_machine_session.sh serve7       (after export-base) the default server (preprocessing in threads) against
 #                                          serve.preprocess_workers=4 and 8, HTTP 32 clients x 256 tokens, 20 s each, the
 #                                          engine thread's time by phase; py-spy of the default server (a carried wheel)
+#   bash bench/gpu_machine_session.sh serve8       (after export-base) the decoder's ArgMax and the prompt cache: kv_slots_bench,
+#                                          then HTTP 32 clients x 256 tokens, prompt_cache_mb=0 and default, each with the
+#                                          same prompt for every request and a numbered question each (SERVE_SETS)
 #   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server under 32 clients x 256 tokens for
 #                                          5 minutes, its GPU memory and RSS read 10 times (first, last, max)
 set -uo pipefail
@@ -195,6 +198,16 @@ case "${1:?stage}" in
       --serve-sets ${SERVE_SETS:-default preprocess_workers=4 preprocess_workers=8} \
       --json "$OUT/serve7.json" 2>&1 | grep -vE "Warn|warn" | tail -9
     wait
+    ;;
+  serve8)  # (after export-base) issue #13, third round: the decoder's ArgMax and the prompt cache. kv_slots_bench (the
+           # device's ArgMax against the host's, decode with and without logits to the host, a prompt-cache reuse
+           # against the prefill it replaces), then HTTP 32 clients x 256 tokens, 20 s each: prompt_cache_mb=0 and
+           # default, each with the same prompt for every request and with a numbered question each
+    python -m bench.kv_slots_bench --export /tmp/exp/base --variant q4f16 --slots 8 --steps 64 --json "$OUT/kv_slots8.json" \
+      2>&1 | grep -vE "Warn|warn" | tail -6
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
+      --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 --serve-sets ${SERVE_SETS:-prompt_cache_mb=0 default} \
+      --prompts same distinct --json "$OUT/serve8.json" 2>&1 | grep -vE "Warn|warn" | tail -5
     ;;
   serve-soak)
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \

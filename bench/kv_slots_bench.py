@@ -10,9 +10,13 @@ A finishes alone), compared with each prompt generated alone by the published de
 batch 1 and with every slot busy. The CUDA-graph runtime captures one graph per batch bucket (powers of two up to
 the slot count): the join-and-leave run goes through buckets 1 -> 2 -> 1, batch 1 replays bucket 1, every slot busy
 the slot count's; `graph_buckets` lists those captured (all of them at load: `graph_capture_s`). The CUDA-graph
-runtime must give the tokens of the slot runtime without it (same kernels); against the published decoder
+runtime must give the tokens of the slot runtime without it (same kernels), and its greedy tokens (the decoder's
+ArgMax, on the device) those of the host's argmax over its logits; against the published decoder
 (MultiHeadAttention) fp16 rounding may flip a late token, so that is reported, not failed. Exit status 1 when the
-graph and non-graph slot runtimes disagree or the graph did not turn on.
+graph and non-graph slot runtimes disagree, the device's ArgMax disagrees with the host's, or the graph did not turn
+on. Decode rates read each step's greedy tokens as the server does, and once more with the logits copied to the host
+(`_logits_to_host`, the step before the decoder had its ArgMax). Slot runtimes also time a prompt-cache reuse of
+one prompt (its KV copied into a slot) against that prompt's prefill.
 
 Batched prefill (slot runtimes): A and B prefilled in one call (right-padded, serve.batch_prefill) against each
 prefilled alone: the first logits' largest difference (fp16 rounding is ~1e-2; a wrong position or mask is of the
@@ -86,14 +90,16 @@ def alone(model, p: dict, steps: int) -> list[int]:
     return tokens
 
 
-def join_and_leave(model, a: dict, b: dict, steps: int) -> dict[str, list[int]]:
+def join_and_leave(model, a: dict, b: dict, steps: int) -> tuple[dict[str, list[int]], int]:
     """A decodes (slot 0); B joins after 3 steps (slot 1); B leaves after steps // 2 tokens; A runs to `steps` tokens
-    (with CUDA graphs: buckets 1, 2, then 1 again)."""
-    produced, owners = {"a": [], "b": []}, ["a"]
+    (with CUDA graphs: buckets 1, 2, then 1 again). Also returns how many greedy tokens (on the graph path the
+    decoder's ArgMax on the device) differ from the argmax of the logits on the host."""
+    produced, owners, mismatches = {"a": [], "b": []}, ["a"], 0
     limit = {"a": steps, "b": steps // 2}
     step = prefill(model, a)
     for t in range(2 * steps):
-        tokens = step.logits.argmax(-1).astype(np.int64)
+        tokens = step.greedy
+        mismatches += int((tokens != step.logits.argmax(-1)).sum())
         for row, owner in enumerate(owners):
             produced[owner].append(int(tokens[row]))
         keep = [i for i, o in enumerate(owners) if len(produced[o]) < limit[o]]
@@ -105,7 +111,7 @@ def join_and_leave(model, a: dict, b: dict, steps: int) -> dict[str, list[int]]:
         step = model.decode(step, tokens)
         if t == 2:
             step, owners = model.merge(step, prefill(model, b)), owners + ["b"]
-    return produced
+    return produced, mismatches
 
 
 def batched_prefill(model, a: dict, b: dict, steps: int) -> dict:
@@ -139,19 +145,36 @@ def prefill_ms(model, p: dict, rows: int, repeats: int = 3) -> float:
     return round(sorted(times[1:])[len(times[1:]) // 2] * 1000, 2)
 
 
-def decode_rate(model, p: dict, rows: int, steps: int) -> float:
-    """Tokens/s of `rows` copies of prompt `p` decoding together (prefilled as one batch)."""
+def decode_rate(model, p: dict, rows: int, steps: int, logits: bool = False) -> float:
+    """Tokens/s of `rows` copies of prompt `p` decoding together (prefilled as one batch), reading each step's greedy
+    tokens as the server does (on the graph path the decoder's ArgMax); `logits`: its logits instead, copied to the
+    host and argmaxed there (what every step did before the ArgMax, and what a sampling row still needs)."""
     step = prefill(model, padded([p] * rows))
-    tokens = step.logits.argmax(-1).astype(np.int64)
+    tokens = step.greedy
     for _ in range(5):  # warm-up (and, with the CUDA graph, its capture)
         step = model.decode(step, tokens)
     started = time.perf_counter()
     for _ in range(steps):
         step = model.decode(step, tokens)
-        tokens = step.logits.argmax(-1).astype(np.int64)
+        tokens = step.logits.argmax(-1).astype(np.int64) if logits else step.greedy
     rate = rows * steps / (time.perf_counter() - started)
     model.release(step)
     return round(rate, 1)
+
+
+def reuse_ms(model, p: dict, repeats: int = 5) -> float:
+    """Median ms to take a slot for prompt `p` from the prompt cache (its KV copied into the slot), against which
+    prefill_ms's one-row figure is the prefill it replaces."""
+    step = prefill(model, p)
+    model.remember([b"p"], step)
+    model.release(step)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        step = model.reuse([b"p"])
+        times.append(time.perf_counter() - started)
+        model.release(step)
+    return round(sorted(times[1:])[len(times[1:]) // 2] * 1000, 3)
 
 
 def main() -> int:
@@ -181,12 +204,13 @@ def main() -> int:
     reference = {"a": alone(runtimes["published"], a, args.steps), "b": alone(runtimes["published"], b, args.steps // 2)}
     results, runs = [], {}
     for name, model in runtimes.items():
-        runs[name] = join_and_leave(model, a, b, args.steps)
+        runs[name], mismatches = join_and_leave(model, a, b, args.steps)
         agree = {k: float(np.mean(np.array(runs[name][k]) == np.array(reference[k]))) for k in reference}
         results.append({"runtime": name, "provider": model.provider, "cuda_graph": bool(getattr(model, "cuda_graph", False)),
-                        "agreement_with_published_alone": agree,
+                        "agreement_with_published_alone": agree, "greedy_vs_host_argmax_mismatches": mismatches,
                         "decode_tok_s_b1": decode_rate(model, a, 1, args.steps),
-                        f"decode_tok_s_b{args.slots}": decode_rate(model, a, args.slots, args.steps)})
+                        f"decode_tok_s_b{args.slots}": decode_rate(model, a, args.slots, args.steps),
+                        f"decode_tok_s_b{args.slots}_logits_to_host": decode_rate(model, a, args.slots, args.steps, logits=True)})
         if getattr(model, "cuda_graph", False):
             results[-1]["graph_buckets"] = sorted(model._graphs)
             results[-1]["graph_capture_s"] = round(model.capture_s, 2)
@@ -200,8 +224,11 @@ def main() -> int:
             model.batch_prefill = False
             results[-1][f"prefill_ms_{args.slots}_rows_call_per_row"] = prefill_ms(model, a, args.slots)
             model.batch_prefill = True
+            results[-1]["prefill_ms_1_row"] = prefill_ms(model, a, 1)
+            results[-1]["prompt_cache_reuse_ms_1_row"] = reuse_ms(model, a)
         print(json.dumps(results[-1]), flush=True)
-    graph_ok = runtimes["slots+graph"].cuda_graph and runs["slots+graph"] == runs["slots"]
+    graph_ok = runtimes["slots+graph"].cuda_graph and runs["slots+graph"] == runs["slots"] \
+        and results[-1]["greedy_vs_host_argmax_mismatches"] == 0
     print(f"CUDA graph {'on' if runtimes['slots+graph'].cuda_graph else 'OFF'}; graph tokens "
           f"{'equal' if runs['slots+graph'] == runs['slots'] else 'DIFFER FROM'} the slot decoder without the graph")
     if args.json:

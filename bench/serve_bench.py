@@ -251,7 +251,7 @@ def main_thread_cpu_s(pid: int) -> float:
 
 
 def engine_counters(url: str) -> dict[str, float]:
-    """The server's engine counters from /metrics: seconds by phase, decode steps and rows decoded."""
+    """The server's engine counters from /metrics: seconds by phase, decode steps, rows decoded, prompt-cache hits and misses."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         text = response.read().decode()
     out = {}
@@ -259,7 +259,8 @@ def engine_counters(url: str) -> dict[str, float]:
         name, _, value = line.rpartition(" ")
         if name.startswith('smolbox_engine_seconds_total{phase="'):
             out[name.split('"')[1] + "_s"] = float(value)
-        elif name in ("smolbox_decode_steps_total", "smolbox_decode_rows_total"):
+        elif name in ("smolbox_decode_steps_total", "smolbox_decode_rows_total", "smolbox_prompt_cache_hits_total",
+                      "smolbox_prompt_cache_misses_total"):
             out[name.removeprefix("smolbox_").removesuffix("_total")] = float(value)
     return out
 
@@ -277,9 +278,11 @@ def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict:
 
 def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tokens: int, max_batch: int,
          continuous: bool = True, ort_config: dict[str, str] | None = None, serve_set: dict[str, str] | None = None,
-         samples: int = 1) -> list[dict]:
-    """`smolbox serve` under N streaming clients for `seconds`, per N; `serve_set` adds serve.* settings; the server's
-    memory is read `samples` times over each load run (first and last tell whether it stays flat)."""
+         samples: int = 1, prompts: list[str] = ("same",)) -> list[dict]:
+    """`smolbox serve` under N streaming clients for `seconds`, per N and per kind of prompts (same: every request
+    the same question about the same image; distinct: a numbered question each, the image the same); `serve_set`
+    adds serve.* settings; the server's memory is read `samples` times over each load run (first and last tell
+    whether it stays flat)."""
     from bench.serve_load import run
 
     with socket.socket() as probe:
@@ -309,11 +312,11 @@ def http(folder: Path, variant: str, clients: list[int], seconds: float, max_tok
             time.sleep(1)
         run(url, 1, 3, 8, (512, 384), None)  # warm-up
         rows = []
-        for n in clients:
+        for n, kind in ((n, kind) for kind in prompts for n in clients):
             memory, part = [server_memory_mib(server.pid)], []
             counters, started, loop_cpu = engine_counters(url), time.perf_counter(), main_thread_cpu_s(server.pid)
             for _ in range(samples):  # one load run in `samples` parts, the server's memory read after each
-                part.append(run(url, n, seconds / samples, max_tokens, (512, 384), None))
+                part.append(run(url, n, seconds / samples, max_tokens, (512, 384), None, distinct=kind == "distinct"))
                 memory.append(server_memory_mib(server.pid))
             row = part[0] if samples == 1 else merge_load_parts(part)
             row["engine"] = engine_breakdown(counters, engine_counters(url), time.perf_counter() - started)
@@ -387,6 +390,9 @@ def main() -> None:
     parser.add_argument("--serve-sets", nargs="+", default=["default"],
                         help="HTTP runs once per entry: 'default' or key=value[,key=value] serve.* settings, side by side "
                         "(e.g. kv_slots=false image_cache_mb=0)")
+    parser.add_argument("--prompts", nargs="+", default=["same"], choices=["same", "distinct"],
+                        help="HTTP load per kind: same = every request the same question about the same image (the "
+                        "issue's load; a prompt cache holds it), distinct = a numbered question each (none repeats)")
     parser.add_argument("--memory-samples", type=int, default=1, help="read the server's memory this many times per load "
                         "run (the run goes in as many parts of --seconds / N each, a reading after each; one more before)")
     parser.add_argument("--json", type=Path, default=None)
@@ -420,7 +426,7 @@ def main() -> None:
         try:
             results["http"] = [row for mode in args.batching for serve_set in args.serve_sets for row in http(
                 args.export, args.http_variant, args.clients, args.seconds, args.max_tokens, args.max_batch, mode == "continuous",
-                session_config(args.http_session_config), session_config(serve_set), args.memory_samples)]
+                session_config(args.http_session_config), session_config(serve_set), args.memory_samples, args.prompts)]
         except Exception as exc:  # noqa: BLE001
             results["http"] = [{"error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
         save()
@@ -441,7 +447,7 @@ def main() -> None:
         summary = memory_summary(r.get("server_memory") or [])
         memory = ", ".join(f"{label} {m['first']} -> {m['last']} (max {m['max']})" for label, m in
                            (("GPU", summary.get("gpu_mib")), ("RSS", summary.get("rss_mib"))) if m) or "not read"
-        print(f"HTTP {r['variant']} {r.get('batching', 'continuous'):<10} {settings:<28} {r['clients']:>3} clients "
+        print(f"HTTP {r['variant']} {r.get('batching', 'continuous'):<10} {settings:<28} {r.get('prompts', 'same'):<8} {r['clients']:>3} clients "
               f"{r['seconds']:.0f} s: {r['tokens_per_s']:.1f} tok/s aggregate, {r['requests_per_s']:.2f} req/s, ttft p50 "
               f"{r['ttft_p50_s']:.3f} s p99 {r['ttft_p99_s']:.3f} s, latency p50 {r['latency_p50_s']:.2f} s, errors "
               f"{r['errors']}, server memory MiB ({len(r.get('server_memory') or [])} readings): {memory}")

@@ -1,7 +1,8 @@
 """Load test for a running smolbox server: N concurrent clients for T seconds, each sending one chat request with an
 image after the other. Prints requests/s, tokens/s, latency and time-to-first-token percentiles, and errors.
 
-    python bench/serve_load.py --url http://127.0.0.1:8000 --clients 8 --seconds 30 [--max-tokens 64] [--json out.json]
+    python bench/serve_load.py --url http://127.0.0.1:8000 --clients 8 --seconds 30 [--max-tokens 64] [--distinct-prompts]
+        [--json out.json]
 
 Uses streaming so that time to first token is measured at the client. Standard library only: it runs anywhere.
 Point it only at servers you run (loopback or your own hosts).
@@ -60,22 +61,34 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def run(url: str, clients: int, seconds: float, max_tokens: int, image_size: tuple[int, int], api_key: str | None) -> dict:
+def run(url: str, clients: int, seconds: float, max_tokens: int, image_size: tuple[int, int], api_key: str | None,
+        distinct: bool = False) -> dict:
+    """Every request asks the same question about the same image; `distinct`: each asks its own (the question
+    numbered), so no two prompts are equal (a server's prompt cache never holds one) while the image repeats."""
     image = base64.b64encode(solid_png(*image_size, (180, 60, 40))).decode()
-    body = json.dumps({
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-            {"type": "text", "text": "Describe this image in detail."}]}],
-        "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-    }).encode()
+
+    def body(number: int) -> bytes:
+        text = "Describe this image in detail." + (f" (request {number})" if distinct else "")
+        return json.dumps({
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                {"type": "text", "text": text}]}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+        }).encode()
+
+    same = body(0)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     results: list[dict] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
+    sent = [0]
 
     def client():
         while time.perf_counter() < stop_at:
-            outcome = one_request(url, body, headers)
+            with lock:
+                sent[0] += 1
+                number = sent[0]
+            outcome = one_request(url, body(number) if distinct else same, headers)
             with lock:
                 results.append(outcome)
 
@@ -90,7 +103,7 @@ def run(url: str, clients: int, seconds: float, max_tokens: int, image_size: tup
     latencies = [r["latency"] for r in ok]
     ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
     return {
-        "clients": clients, "seconds": round(elapsed, 2), "requests": len(results), "errors": len(results) - len(ok),
+        "clients": clients, "prompts": "distinct" if distinct else "same", "seconds": round(elapsed, 2), "requests": len(results), "errors": len(results) - len(ok),
         "requests_per_s": len(ok) / elapsed, "tokens_per_s": sum(r["tokens"] for r in ok) / elapsed,
         "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99),
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
@@ -106,10 +119,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--image", default="512x384", help="WxH of the test image")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--distinct-prompts", action="store_true", help="each request asks its own question (numbered)")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args()
     size = tuple(int(x) for x in args.image.lower().split("x"))
-    rows = [run(args.url, n, args.seconds, args.max_tokens, size, args.api_key) for n in args.clients]
+    rows = [run(args.url, n, args.seconds, args.max_tokens, size, args.api_key, args.distinct_prompts) for n in args.clients]
     print(f"{'clients':>7} {'req/s':>8} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'ttft50 s':>9} {'ttft99 s':>9} {'errors':>6}")
     for r in rows:
         print(f"{r['clients']:>7} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['latency_p50_s']:>8.3f} "

@@ -202,6 +202,10 @@ class ServeConfig(_Section):
     image_cache_mb: float = Field(
         256.0, ge=0, description="Vision features of recent images (LRU, keyed by a hash of the preprocessed pixels) "
                                  "that a repeated image reuses instead of running the vision encoder; 0 = off")
+    prompt_cache_mb: float = Field(
+        1024.0, ge=0, description="With kv_slots, the KV cache of recent prompts (LRU, keyed by a hash of the prompt's "
+                                  "tokens and images) in the decoder's memory: a repeated prompt (a retry, the same "
+                                  "question about the same image) is copied into its slot instead of prefilled; 0 = off")
     preprocess_workers: int = Field(
         0, ge=0, description="Processes that validate requests and decode, tile and tokenize their images (each with a "
                              "GIL of its own, which the engine thread never waits for); 0 = threads of the server process")

@@ -53,6 +53,11 @@ class Step:
     past: dict  # name -> np.ndarray, or onnxruntime.OrtValue on the GPU
     attention_mask: np.ndarray  # [B, total]
 
+    @property
+    def greedy(self) -> np.ndarray:
+        """[B] int64: each row's argmax."""
+        return self.logits.argmax(-1).astype(np.int64)
+
 
 class OnnxVLM:
     def __init__(self, folder: str | Path, variant: str = "fp32", providers: list[str] | None = None,
@@ -83,7 +88,7 @@ class OnnxVLM:
         decoder = self.sessions["decoder_model_merged"]
         self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith(PAST)]
         self.output_names = [o.name for o in decoder.get_outputs()]
-        self.past_names = [name.replace(PRESENT, PAST) for name in self.output_names[1:]]
+        self.past_names = [name.replace(PRESENT, PAST) for name in self.output_names if name.startswith(PRESENT)]
         # A traced decoder returns logits for every position, the fused one (smolbox.export.fused_decoder) the last only.
         self.logits_all_positions = decoder.get_outputs()[0].shape[1] != 1
         self.input_types = {g: {i.name: ORT_TO_NUMPY[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
@@ -283,7 +288,7 @@ class OnnxVLM:
         generated = []
         try:
             for i in range(max_new_tokens):
-                tokens = np.where(done, self.pad_token_id, step.logits.argmax(-1)).astype(np.int64)
+                tokens = np.where(done, self.pad_token_id, step.greedy)
                 generated.append(tokens)
                 done |= np.isin(tokens, list(self.eos_token_ids))
                 if done.all() or i == max_new_tokens - 1:

@@ -26,7 +26,7 @@ from ..preprocess import Encoded, Preprocessor, pad_batch
 from ..runtime import OnnxVLM, Step, default_providers
 from .kv_decoder import load_runtime
 from .metrics import Metrics
-from .scheduler import ImageCache, Scheduler, stack_tiles
+from .scheduler import LRUCache, Scheduler, prompt_key, stack_tiles
 
 log = logging.getLogger("smolbox.serve")
 
@@ -48,6 +48,7 @@ class GenRequest:
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.perf_counter)
     images: list[tuple[bytes, np.ndarray]] = field(default_factory=list)  # (key, tiles) per image: scheduler.image_parts
+    prompt_key: bytes | None = None  # scheduler.prompt_key, made on first use
 
     def post(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -116,8 +117,8 @@ class Engine:
         self.cfg, self.folder, self.metrics = cfg, folder, metrics
         self.scheduler = Scheduler(cfg.serve)
         self.outbox = Outbox()
-        self.phase_seconds = {p: metrics.engine_seconds.labels(p) for p in ("rows", "decode", "vision", "prefill", "merge")}
-        self.image_cache = ImageCache(int(cfg.serve.image_cache_mb * 2**20))
+        self.phase_seconds = {p: metrics.engine_seconds.labels(p) for p in ("rows", "decode", "reuse", "vision", "prefill", "merge")}
+        self.image_cache = LRUCache(int(cfg.serve.image_cache_mb * 2**20))
         self.identity = b""  # the export's identity in image keys (set when the sessions load)
         self.ready = threading.Event()
         self.stopping = threading.Event()
@@ -175,7 +176,7 @@ class Engine:
     def _run_step(self, batch: Batch | None) -> Batch | None:
         model, step, rows, clock = self.model, None, [], _PhaseClock(self.phase_seconds)
         if batch is not None:
-            tokens = batch.step.logits.argmax(-1).astype(np.int64)  # greedy rows: one call for the batch
+            tokens = batch.step.greedy.copy()  # greedy rows (on the GPU argmaxed there: no logits copied)
             for i, row in enumerate(batch.rows):
                 if row.request.temperature != 0.0:
                     tokens[i] = sample(batch.step.logits[i], row.request.temperature, row.request.top_p, row.rng)
@@ -210,27 +211,48 @@ class Engine:
         return Batch(step, rows) if rows else None
 
     def _admit(self, running: int, clock: _PhaseClock) -> Batch | None:
-        """Prefill this step's newcomers as one left-padded batch (None when there are none, or it failed)."""
+        """This step's newcomers as one batch (None when there are none, or they failed): those whose prompt the
+        prompt cache holds copied into their slots (SlotVLM.reuse), the others prefilled as one left-padded batch
+        and, with the prompt cache on, kept in it."""
         model = self.model
-        requests = self.scheduler.take(running, lambda lengths: prefill_fits(lengths, model.vocab_size, model.logits_all_positions))
+        cache = getattr(model, "prompt_cache", None)  # SlotVLM's; the published decoder's runtime has none
+        cache = cache if cache is not None and cache.max_bytes > 0 else None
+        cached = (lambda r: prompt_key(r) in cache) if cache is not None else (lambda r: False)
+        requests = self.scheduler.take(running, lambda lengths: prefill_fits(lengths, model.vocab_size, model.logits_all_positions),
+                                       prefill_tokens=lambda r: 0 if cached(r) else r.prompt_tokens)
         self.metrics.queue_depth.set(self.scheduler.waiting())
         if not requests:
             return None
         self.metrics.batch_size.observe(len(requests))
-        rows = [Row(r, self.preprocessor, self.outbox) for r in requests]
+        hits = [r for r in requests if cached(r)]
+        misses = [r for r in requests if not cached(r)]
+        rows = [Row(r, self.preprocessor, self.outbox) for r in hits + misses]
+        reused = None
         try:
             clock.lap("rows")
-            features = self._image_features(requests)
+            if hits:
+                reused = model.reuse([prompt_key(r) for r in hits])
+                self.metrics.prompt_cache_hits.inc(len(hits))
+                clock.lap("reuse")
+            if not misses:
+                return Batch(reused, rows)
+            features = self._image_features(misses)
             clock.lap("vision")
-            inputs = pad_batch([Encoded(r.encoded.input_ids, r.encoded.attention_mask, None, None) for r in requests],
+            inputs = pad_batch([Encoded(r.encoded.input_ids, r.encoded.attention_mask, None, None) for r in misses],
                                self.preprocessor.pad_token_id)
             step = model.prefill(inputs["input_ids"], inputs["attention_mask"], image_features=features)
+            if cache is not None:
+                self.metrics.prompt_cache_misses.inc(len(misses))
+                model.remember([prompt_key(r) for r in misses], step)
+                self.metrics.prompt_cache_bytes.set(cache.bytes)
             clock.lap("prefill")
         except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
             log.exception("serve: prefill failed")
+            if reused is not None:
+                model.release(reused)
             self._drop(rows, exc)
             return None
-        return Batch(step, rows)
+        return Batch(step if reused is None else model.merge(reused, step), rows)
 
     def _image_features(self, requests: list[GenRequest]) -> np.ndarray | None:
         """The image features of these prompts, in order [tiles, tokens, hidden]: cached ones from the image cache,

@@ -30,6 +30,16 @@ bucket's graph is captured when the model loads (`capture_graphs`: each bucket's
 captures an id only after regular runs of it), so no capture falls inside a request; later steps replay. Capacity is
 fixed.
 
+The derived graph also returns each row's argmax (`next_token`, an ArgMax after the head): a decode step of greedy
+rows copies [rows] token ids to the host, not [rows, vocabulary] float32 logits to be argmaxed there; a step's logits
+are copied only when read (a sampling row), before that bucket's next step overwrites its buffer (SlotStep).
+
+The prompt cache (serve.prompt_cache_mb, LRU): after a prefill the engine keeps each new prompt's KV, every layer's
+keys and values up to its length, in device memory with its last logits (`remember`); a newcomer with the same
+prompt (scheduler.prompt_key: its tokens and images) takes a free slot and gets that KV copied in (`reuse`: a Pad to
+the slot's capacity, written in place), its first logits the cached ones, and no prefill at all. Reuse is exact: the
+slot holds what the prompt's own prefill left there.
+
 No torch here: the serving image runs this module.
 """
 
@@ -43,8 +53,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..onnx_layout import ORT_TO_NUMPY, PAST, PRESENT, graph_path
+from ..onnx_layout import IR_VERSION, ONNX_FLOAT, OPSET, ORT_TO_NUMPY, PAST, PRESENT, graph_path
 from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims
+from .scheduler import LRUCache
 
 log = logging.getLogger("smolbox.serve")
 
@@ -55,6 +66,7 @@ GRAPH_CAPTURE_RUNS = 3
 PREFILL_SCRATCH_BYTES = 2**30  # CPU: attention scores one batched prefill call may hold (SlotVLM._prefill_calls)
 MS = "com.microsoft"
 LAST_INDEX = "last_index"  # derived decoder input: per row, the position whose logits to return (0 in a decode step)
+NEXT_TOKEN = "next_token"  # derived decoder output: per row, the argmax of its logits (the greedy token)
 
 
 class NotDerivable(ValueError):
@@ -125,6 +137,10 @@ def derive(model: onnx.ModelProto) -> Derived:
     nodes = [replaced.get(n.name, n) if n.op_type == "MultiHeadAttention" else n for n in graph.node if id(n) not in dropped]
     nodes = _gather_last(nodes, producer, initializers, graph)
     nodes = _live(nodes, {o.name for o in graph.output})
+    # Each row's greedy token on the device: a decode step of greedy rows copies [rows] int64 to the host instead of
+    # [rows, vocabulary] float32 logits, and the host does no argmax over them (NEXT_TOKEN).
+    nodes.append(helper.make_node("ArgMax", ["logits"], [NEXT_TOKEN], name="next_token", axis=-1, keepdims=0))
+    graph.output.append(helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, ["batch_size", 1]))
     used = {name for n in nodes for name in n.input}
     for name in ("attention_mask", "position_ids"):
         if name in used:
@@ -196,12 +212,53 @@ def _live(nodes: list, outputs: set[str]) -> list:
 # ---- runtime ------------------------------------------------------------------------------------------------
 
 
-@dataclass
 class SlotStep:
-    """The engine's view of a running batch on slots: the last-position logits of each row and the slot it owns."""
+    """The engine's view of a running batch on slots: the slot each row owns, each row's greedy token (`greedy`) and
+    its last-position logits (`logits`, [B, V] float32). A CUDA-graph decode step brings only the greedy tokens to
+    the host (the graph's ArgMax); `logits` copies the rows' logits from the graph's output buffer when first read,
+    which must happen before that bucket's next step overwrites it (the engine samples a step's rows before the
+    next step)."""
 
-    logits: np.ndarray  # [B, V] float32
-    slots: list[int]
+    def __init__(self, slots: list[int], logits: np.ndarray | None = None, greedy: np.ndarray | None = None,
+                 fetch=None):
+        if logits is None and fetch is None:
+            raise ValueError("a step needs its logits or a way to fetch them")
+        self.slots, self._logits, self._greedy, self._fetch = slots, logits, greedy, fetch
+
+    @property
+    def logits(self) -> np.ndarray:
+        if self._logits is None:
+            self._logits = self._fetch()
+        return self._logits
+
+    @property
+    def greedy(self) -> np.ndarray:
+        """[B] int64: each row's argmax."""
+        if self._greedy is None:
+            self._greedy = self.logits.argmax(-1).astype(np.int64)
+        return self._greedy
+
+    def take(self, rows: list[int]) -> SlotStep:
+        """These rows of the step, in this order (logits still fetched only when read)."""
+        return SlotStep([self.slots[i] for i in rows], None if self._logits is None else self._logits[rows],
+                        None if self._greedy is None else self._greedy[rows], lambda: self.logits[rows])
+
+    @staticmethod
+    def join(a: SlotStep, b: SlotStep) -> SlotStep:
+        logits = None if a._logits is None or b._logits is None else np.concatenate([a._logits, b._logits])
+        return SlotStep(a.slots + b.slots, logits, np.concatenate([a.greedy, b.greedy]),
+                        lambda: np.concatenate([a.logits, b.logits]))
+
+
+@dataclass
+class CachedPrompt:
+    """A prompt's KV (each layer's keys and values up to the prompt's length, [1, heads, length, head_dim] in the
+    decoder's device memory) and its last position's logits: what a prefill of it leaves in a slot."""
+
+    kv: list  # onnxruntime OrtValue per cache input, in SlotVLM.cache_names order
+    length: int
+    logits: np.ndarray  # [V] float32
+    nbytes: int
 
 
 class SlotVLM(OnnxVLM):
@@ -212,8 +269,11 @@ class SlotVLM(OnnxVLM):
     written); on CUDA zeroed device memory, all of it allocated at load."""
 
     def __init__(self, folder, variant: str, derived: Derived, slots: int, capacity: int, providers=None,
-                 session_config: dict[str, str] | None = None, cuda_graph: bool = True, batch_prefill: bool = True):
+                 session_config: dict[str, str] | None = None, cuda_graph: bool = True, batch_prefill: bool = True,
+                 prompt_cache_bytes: int = 0):
         self.derived, self.slots, self.batch_prefill = derived, slots, batch_prefill
+        self.prompt_cache = LRUCache(prompt_cache_bytes)  # prompt_key -> CachedPrompt (remember, reuse)
+        self._copy_sessions: dict = {}
         self.capacity = min(capacity, derived.positions)
         self.want_cuda_graph = cuda_graph
         self.cuda_graph = False
@@ -270,7 +330,7 @@ class SlotVLM(OnnxVLM):
         device = "cuda" if self.on_cuda else "cpu"
         shape = (count, *self.slot_shape[1:])
         for name in self.cache_names:
-            pointer = self.pointers[name] + first * self.slot_bytes
+            pointer = self._slot_pointer(name, first)
             binding.bind_input(name, device, 0, self.cache_dtype, shape, pointer)
             binding.bind_output(name.replace(PAST, PRESENT), device, 0, self.cache_dtype, shape, pointer)
 
@@ -329,7 +389,68 @@ class SlotVLM(OnnxVLM):
         except Exception:
             self._free(taken)
             raise
-        return SlotStep(np.concatenate(logits), taken)
+        return SlotStep(taken, np.concatenate(logits))
+
+    # ---- prompt cache ----
+
+    def remember(self, keys: list[bytes], step: SlotStep) -> int:
+        """Keep the KV and last logits of these freshly prefilled rows (`keys[i]` names row i of `step`, a prefill's
+        step) in the prompt cache, those it has not yet and that fit in it. Returns how many it kept."""
+        kept = 0
+        for key, slot, logits in zip(keys, step.slots, step.logits):
+            length = int(self.lengths[slot])
+            nbytes = length * self.slot_bytes // self.capacity * len(self.cache_names)
+            if key in self.prompt_cache or nbytes > self.prompt_cache.max_bytes:
+                continue
+            binding = self._copy_binding("keep")
+            for i, name in enumerate(self.cache_names):
+                binding.bind_input(f"slot{i}", self.device, 0, self.cache_dtype, self.slot_shape, self._slot_pointer(name, slot))
+                binding.bind_output(f"prompt{i}", self.device)
+            binding.bind_cpu_input("length", np.array([length], np.int64))
+            self._copy_sessions["keep"].run_with_iobinding(binding)
+            self.prompt_cache.put(key, CachedPrompt(binding.get_outputs(), length, np.array(logits, np.float32), nbytes))
+            kept += 1
+        return kept
+
+    def reuse(self, keys: list[bytes]) -> SlotStep:
+        """Newcomers whose prompts the prompt cache holds: each takes a free slot, its cached KV is copied there (the
+        rest of the slot zeroed, as a fresh slot is) and its cached logits are its step's; no prefill."""
+        prompts = [self.prompt_cache.get(key) for key in keys]
+        if any(p is None for p in prompts):
+            raise KeyError("a prompt is not in the prompt cache")
+        if len(keys) > len(self.free):
+            raise RuntimeError(f"{len(keys)} requests for {len(self.free)} free KV slots")
+        taken = self._take(len(keys))
+        self.free.difference_update(taken)
+        try:
+            for slot, prompt in zip(taken, prompts):
+                binding = self._copy_binding("reuse")
+                for i, name in enumerate(self.cache_names):
+                    binding.bind_ortvalue_input(f"prompt{i}", prompt.kv[i])
+                    binding.bind_output(f"slot{i}", self.device, 0, self.cache_dtype, self.slot_shape, self._slot_pointer(name, slot))
+                binding.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, self.capacity - prompt.length, 0], np.int64))
+                self._copy_sessions["reuse"].run_with_iobinding(binding)
+                self.lengths[slot] = prompt.length
+        except Exception:
+            self._free(taken)
+            raise
+        return SlotStep(taken, np.stack([p.logits for p in prompts]))
+
+    def _slot_pointer(self, name: str, slot: int) -> int:
+        return self.pointers[name] + slot * self.slot_bytes
+
+    def _copy_binding(self, op: str):
+        """An I/O binding of the prompt cache's copy graph `op` (made once, on the decoder's provider): keep = each
+        cache input's slot [1, heads, capacity, head_dim] cut to the prompt's length (Slice); reuse = a kept prompt
+        padded with zeros back to the slot's capacity (Pad), written into the slot in place."""
+        session = self._copy_sessions.get(op)
+        if session is None:
+            import onnxruntime as ort
+
+            session = self._copy_sessions[op] = ort.InferenceSession(
+                _copy_graph(op, len(self.cache_names), self.cache_dtype).SerializeToString(),
+                providers=self.sessions["decoder_model_merged"].get_providers())
+        return session.io_binding()
 
     def _take(self, rows: int) -> list[int]:
         """Free slots for `rows` newcomers: the lowest ones, unless they are not consecutive and the lowest run of
@@ -377,13 +498,15 @@ class SlotVLM(OnnxVLM):
         ids = np.full(count, self.pad_token_id, np.int64)
         ids[step.slots] = tokens
         seqlens = self._step_seqlens(count)
+        slots = list(step.slots)
         if self.cuda_graph:
-            logits = self._graph_step(count, ids, seqlens)
+            greedy, fetch = self._graph_step(count, ids, seqlens)
+            out = SlotStep(slots, greedy=greedy[slots], fetch=lambda: fetch()[slots])
         else:
             embeds = self._embed_on_device(ids[:, None]) if self.bind_io else self.embed(ids[:, None])
-            logits = self._run_decoder(embeds, seqlens, 0)
-        self.lengths[step.slots] += 1
-        return SlotStep(logits[step.slots], list(step.slots))
+            out = SlotStep(slots, self._run_decoder(embeds, seqlens, 0)[slots])
+        self.lengths[slots] += 1
+        return out
 
     def _step_seqlens(self, count: int) -> np.ndarray:
         """`seqlens_k` of a decode step over slots 0 .. count-1: tokens so far per slot (the new one appends there); a
@@ -395,10 +518,10 @@ class SlotVLM(OnnxVLM):
         """Rows not in `rows` leave: their slots are free again."""
         kept = set(rows)
         self._free([s for i, s in enumerate(step.slots) if i not in kept])
-        return SlotStep(step.logits[rows], [step.slots[i] for i in rows])
+        return step.take(rows)
 
     def merge(self, a: SlotStep, b: SlotStep) -> SlotStep:
-        return SlotStep(np.concatenate([a.logits, b.logits]), a.slots + b.slots)
+        return SlotStep.join(a, b)
 
     def release(self, step: SlotStep) -> None:
         """Every row of `step` leaves (finished, or its batch failed)."""
@@ -439,11 +562,12 @@ class SlotVLM(OnnxVLM):
         log.info("serve: CUDA graphs of the decode step captured for batch buckets %s in %.2f s", self.buckets, took)
         return took
 
-    def _graph_step(self, bucket: int, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
+    def _graph_step(self, bucket: int, ids: np.ndarray, seqlens: np.ndarray):
         """The decode step over slots 0 .. bucket-1 as the bucket's CUDA graph: token ids and lengths are copied into
         the bucket's fixed device buffers, the embeddings are written into its fixed decoder input buffer, and its
         graph replays (onnxruntime captures graph id `bucket` after that id's warm-up runs, each id on its own;
-        prefill runs with id -1, never captured)."""
+        prefill runs with id -1, never captured). Returns each slot's greedy token [bucket] and a function that copies
+        the slots' logits [bucket, V] to the host, valid until this bucket's next step."""
         g = self._graphs.get(bucket)
         if g is None:
             g = self._graphs[bucket] = self._make_graph_binding(bucket)
@@ -451,7 +575,15 @@ class SlotVLM(OnnxVLM):
         g["seqlens"].update_inplace(seqlens)
         self.sessions["embed_tokens"].run_with_iobinding(g["embed_binding"])
         self.sessions["decoder_model_merged"].run_with_iobinding(g["binding"], g["options"])
-        return g["logits"].numpy()[:, -1]
+        g["replays"] += 1
+        replay = g["replays"]
+
+        def fetch() -> np.ndarray:
+            if g["replays"] != replay:
+                raise RuntimeError("these logits were overwritten by a later decode step of the same batch bucket")
+            return g["logits"].numpy()[:, -1]
+
+        return g["next"].numpy()[:, 0], fetch
 
     def _make_graph_binding(self, n: int) -> dict:
         """Fixed buffers and bindings for a decode step over slots 0 .. n-1 (the first n slots of every layer's buffer,
@@ -472,7 +604,8 @@ class SlotVLM(OnnxVLM):
              # capacity, which is right for every step (the rows' lengths come from seqlens_k; docs/notes.md).
              "total": ort.OrtValue.ortvalue_from_numpy(np.array(self.capacity, np.int32)),
              "last": ort.OrtValue.ortvalue_from_numpy(np.zeros(n, np.int64), device, 0),  # one position: index 0
-             "logits": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, self.vocab_size), np.float32, device, 0)}
+             "logits": ort.OrtValue.ortvalue_from_shape_and_type((n, 1, self.vocab_size), np.float32, device, 0),
+             "next": ort.OrtValue.ortvalue_from_shape_and_type((n, 1), np.int64, device, 0), "replays": 0}
         g["embed_binding"] = embed.io_binding()
         g["embed_binding"].bind_ortvalue_input("input_ids", g["ids"])
         g["embed_binding"].bind_ortvalue_output(embed_out.name, g["embeds"])
@@ -483,9 +616,32 @@ class SlotVLM(OnnxVLM):
         binding.bind_ortvalue_input(LAST_INDEX, g["last"])
         self._bind_slots(binding, 0, n)
         binding.bind_ortvalue_output("logits", g["logits"])
+        binding.bind_ortvalue_output(NEXT_TOKEN, g["next"])
         g["options"] = ort.RunOptions()
         g["options"].add_run_config_entry("gpu_graph_id", str(n))
         return g
+
+
+def _copy_graph(op: str, count: int, dtype) -> onnx.ModelProto:
+    """keep: prompt{i} = slot{i}[:, :, :length] for each of `count` cache tensors; reuse: slot{i} = Pad(prompt{i},
+    pads) (zeros after the prompt)."""
+    cache = lambda name, length: helper.make_tensor_value_info(name, ONNX_FLOAT[dtype], [1, "heads", length, "head_dim"])  # noqa: E731
+    if op == "keep":
+        inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([2], np.int64), "axis")]
+        nodes = [helper.make_node("Slice", [f"slot{i}", "zero", "length", "axis"], [f"prompt{i}"]) for i in range(count)]
+        inputs = [cache(f"slot{i}", "capacity") for i in range(count)]
+        inputs.append(helper.make_tensor_value_info("length", TensorProto.INT64, [1]))
+        outputs = [cache(f"prompt{i}", "length") for i in range(count)]
+    else:
+        inits = []
+        nodes = [helper.make_node("Pad", [f"prompt{i}", "pads"], [f"slot{i}"]) for i in range(count)]
+        inputs = [cache(f"prompt{i}", "length") for i in range(count)]
+        inputs.append(helper.make_tensor_value_info("pads", TensorProto.INT64, [8]))
+        outputs = [cache(f"slot{i}", "capacity") for i in range(count)]
+    graph = helper.make_graph(nodes, f"smolbox_prompt_{op}", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="smolbox.serve")
+    model.ir_version = IR_VERSION
+    return model
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int]]:
@@ -514,7 +670,8 @@ def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
         else:
             capacity = serve.kv_capacity_tokens or serve.max_prompt_tokens + serve.max_tokens_limit
             model = SlotVLM(folder, variant, derived, serve.max_batch_size, capacity, providers,
-                            serve.ort_session_config, cuda_graph=serve.cuda_graph, batch_prefill=serve.batch_prefill)
+                            serve.ort_session_config, cuda_graph=serve.cuda_graph, batch_prefill=serve.batch_prefill,
+                            prompt_cache_bytes=int(serve.prompt_cache_mb * 2**20))
             log.info("serve: decoder with %d KV slots of %d tokens (GroupQueryAttention, %.2f GiB of cache)%s", model.slots,
                      model.capacity, model.slot_bytes * model.slots * len(model.cache_names) / 2**30,
                      ", decode step as a CUDA graph" if model.cuda_graph else "")

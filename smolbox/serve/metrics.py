@@ -1,5 +1,5 @@
 """The server's Prometheus metrics (GET /metrics): requests and errors, latency and time to first token, tokens,
-queue depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image-cache hits and misses, and the
+queue depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image- and prompt-cache hits and misses, and the
 engine thread's time by phase (what a step's wall time goes to under load). One registry per app, so two servers in
 one process never share counts."""
 
@@ -27,8 +27,13 @@ class Metrics:
         self.image_cache_hits = Counter("smolbox_image_cache_hits_total", "Images whose vision features came from the image cache", registry=registry)
         self.image_cache_misses = Counter("smolbox_image_cache_misses_total", "Images that went through the vision encoder", registry=registry)
         self.engine_seconds = Counter("smolbox_engine_seconds_total", "Engine thread time by phase: rows (sampling, text and "
-                                      "events of the running rows), decode (decode steps), vision (vision encoder), prefill "
-                                      "(newcomers' decoder prefill), merge (newcomers joining the running batch)", ["phase"], registry=registry)
+                                      "events of the running rows), decode (decode steps), reuse (cached prompts copied "
+                                      "into slots), vision (vision encoder), prefill (newcomers' decoder prefill, their "
+                                      "prompts kept in the prompt cache), merge (newcomers joining the running batch)",
+                                      ["phase"], registry=registry)
         self.decode_steps = Counter("smolbox_decode_steps_total", "Decode steps run", registry=registry)
         self.decode_rows = Counter("smolbox_decode_rows_total", "Rows decoded, summed over decode steps", registry=registry)
+        self.prompt_cache_hits = Counter("smolbox_prompt_cache_hits_total", "Newcomers whose prompt's KV came from the prompt cache (no prefill)", registry=registry)
+        self.prompt_cache_misses = Counter("smolbox_prompt_cache_misses_total", "Newcomers prefilled (prompt cache on, prompt not in it)", registry=registry)
+        self.prompt_cache_bytes = Gauge("smolbox_prompt_cache_bytes", "Bytes of prompts' KV in the prompt cache", registry=registry)
         self.image_cache_bytes = Gauge("smolbox_image_cache_bytes", "Bytes of vision features in the image cache", registry=registry)

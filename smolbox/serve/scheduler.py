@@ -8,7 +8,9 @@ prefills; a first newcomer over it runs alone in its step) and within serve.max_
 over every request in flight (the first one that does not fit waits, and so do those behind it: no overtaking).
 
 `image_parts` turns a request's pixels into one (key, tiles) pair per image in the request's worker thread; the
-engine encodes the images that `ImageCache` lacks, of every newcomer, in one vision-encoder call.
+engine encodes the images that the image cache (`LRUCache`) lacks, of every newcomer, in one vision-encoder call.
+`prompt_key` names a whole prompt (its tokens and images) for the prompt cache (smolbox.serve.kv_decoder): a
+newcomer whose prompt is cached costs no prefill, so it counts no prompt tokens against the step's budget.
 """
 
 from __future__ import annotations
@@ -82,10 +84,12 @@ class Scheduler:
             self._ready.wait_for(lambda: len(self._waiting) >= count, timeout)
             return bool(self._waiting)
 
-    def take(self, running: int, fits: Callable[[list[int]], bool]) -> list[GenRequest]:
-        """The newcomers of this step (see `plan`), their KV tokens reserved until release()."""
+    def take(self, running: int, fits: Callable[[list[int]], bool],
+             prefill_tokens: Callable[[GenRequest], int] = lambda r: r.prompt_tokens) -> list[GenRequest]:
+        """The newcomers of this step (see `plan`), their KV tokens reserved until release(). `prefill_tokens`: what
+        a request's prefill costs of the step's budget (0 for a prompt the prompt cache holds)."""
         with self._ready:
-            waiting = [(r.prompt_tokens, kv_tokens(r)) for r in self._waiting]
+            waiting = [(prefill_tokens(r), kv_tokens(r)) for r in self._waiting]
             count = plan(waiting, running, self.kv_in_use, self.limits, fits)
             taken = [self._waiting.popleft() for _ in range(count)]
         for request in taken:
@@ -120,6 +124,19 @@ def image_parts(encoded: Encoded, identity: bytes) -> list[tuple[bytes, np.ndarr
     return parts
 
 
+def prompt_key(request: GenRequest) -> bytes:
+    """A prompt's key in the prompt cache: a blake2b hash of its token ids and its images' keys (image_parts), so
+    the same text with another image is another prompt. Made once per request, on first use."""
+    if request.prompt_key is None:
+        ids = np.asarray(request.encoded.input_ids, np.int64)
+        mask = np.asarray(request.encoded.attention_mask).astype(bool)
+        digest = hashlib.blake2b(np.ascontiguousarray(ids[mask]), digest_size=16)
+        for key, _ in request.images:
+            digest.update(key)
+        request.prompt_key = digest.digest()
+    return request.prompt_key
+
+
 def stack_tiles(tiles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Tiles of several images ([n, 3, h, w] each) as one vision-encoder input [1, N, 3, H, W], each zero-padded to
     the largest height and width, and the mask of its real pixels [1, N, H, W]."""
@@ -127,27 +144,31 @@ def stack_tiles(tiles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return batch["pixel_values"], batch["pixel_attention_mask"]
 
 
-class ImageCache:
-    """Vision features by image key, least recently used first out, within `max_bytes` (0 = keeps nothing)."""
+class LRUCache:
+    """Values by key, least recently used first out, within `max_bytes` of their `nbytes` (0 = keeps nothing): the
+    vision features of images (by image key) and the KV of prompts (smolbox.serve.kv_decoder.CachedPrompt)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
-        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[bytes, object] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: bytes) -> np.ndarray | None:
-        features = self._items.get(key)
-        if features is not None:
-            self._items.move_to_end(key)
-        return features
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._items
 
-    def put(self, key: bytes, features: np.ndarray) -> None:
-        if features.nbytes > self.max_bytes or key in self._items:
+    def get(self, key: bytes):
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value) -> None:
+        if value.nbytes > self.max_bytes or key in self._items:
             return
-        self._items[key] = features
-        self.bytes += features.nbytes
+        self._items[key] = value
+        self.bytes += value.nbytes
         while self.bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
             self.bytes -= old.nbytes

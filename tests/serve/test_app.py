@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from smolbox.preprocess import Preprocessor
 from smolbox.runtime import OnnxVLM
 
 API_KEY = "test-key"
@@ -337,23 +338,56 @@ def metric(server, name) -> float:
     return next((float(line.split()[-1]) for line in lines if line.split(" ")[0] == name), 0.0)
 
 
-def test_a_repeated_image_skips_the_vision_encoder_and_gets_the_same_answer(server):
-    body = chat("What is in this picture?", png((123, 45, 67), (52, 44)), max_tokens=8)
+def test_a_repeated_image_skips_the_vision_encoder_and_gets_the_same_answer(server, folder):
+    """The same image with another question (another prompt: the prompt cache does not hold it) reuses the image's
+    vision features; its answer is the one a server without the image cache gives."""
+    image = png((123, 45, 67), (52, 44))
+    body, again = chat("What is in this picture?", image, max_tokens=8), chat("And what colour is it?", image, max_tokens=8)
     calls, hits, misses = (metric(server, f"smolbox_{n}") for n in ("vision_encoder_calls_total", "image_cache_hits_total", "image_cache_misses_total"))
-    first = json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"]
+    assert post(server.url, body)[0] == 200
     assert metric(server, "smolbox_vision_encoder_calls_total") == calls + 1
     assert metric(server, "smolbox_image_cache_misses_total") == misses + 1
-    second = json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"]
-    assert second == first
+    second = json.loads(post(server.url, again)[1])["choices"][0]["message"]["content"]
     assert metric(server, "smolbox_vision_encoder_calls_total") == calls + 1, "the repeated image was encoded again"
     assert metric(server, "smolbox_image_cache_hits_total") == hits + 1
     assert metric(server, "smolbox_image_cache_bytes") > 0
+    assert second == onnx_answer(folder, again)
+
+
+def onnx_answer(folder, body) -> str:
+    """A chat body's greedy answer from the ONNX runtime's own loop, in this process (no server, no caches)."""
+    pre = Preprocessor(folder)
+    content = body["messages"][0]["content"]
+    images = [Image.open(io.BytesIO(base64.b64decode(part["image_url"]["url"].split(",", 1)[1]))).convert("RGB")
+              for part in content if part["type"] == "image_url"]
+    text = pre.render_chat([{"role": "user", "content": [{"type": "image"} if p["type"] == "image_url" else p for p in content]}])
+    enc = pre.encode(text, images)
+    tokens = OnnxVLM(folder, "fp32", providers=["CPUExecutionProvider"]).generate(
+        enc.input_ids, enc.attention_mask, enc.pixel_values, enc.pixel_attention_mask, max_new_tokens=body["max_tokens"])[0]
+    ends = [i for i, t in enumerate(tokens.tolist()) if t in pre.eos_token_ids]
+    return pre.decode(tokens[: ends[0]] if ends else tokens)
+
+
+def test_a_repeated_prompt_is_not_prefilled_again_and_gets_the_same_answer(server):
+    """The same prompt again (a retry): its KV comes from the prompt cache, with no vision-encoder call and no
+    prefill, and the answer is the same, alone and with copies of it arriving together."""
+    body = chat("Describe it once more.", png((12, 140, 200), (40, 56)), max_tokens=10)
+    hits, misses, calls = (metric(server, f"smolbox_{n}") for n in ("prompt_cache_hits_total", "prompt_cache_misses_total", "vision_encoder_calls_total"))
+    first = json.loads(post(server.url, body)[1])["choices"][0]["message"]["content"]
+    assert metric(server, "smolbox_prompt_cache_misses_total") == misses + 1
+    assert metric(server, "smolbox_prompt_cache_bytes") > 0
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(lambda _: post(server.url, body), range(4)))
+    assert [json.loads(b)["choices"][0]["message"]["content"] for _, b in again] == [first] * 4
+    assert metric(server, "smolbox_prompt_cache_hits_total") == hits + 4
+    assert metric(server, "smolbox_prompt_cache_misses_total") == misses + 1
+    assert metric(server, "smolbox_vision_encoder_calls_total") == calls + 1
 
 
 def test_images_of_waiting_requests_go_through_the_vision_encoder_together(folder):
     """With the image cache off, eight image requests arriving together are encoded in fewer vision-encoder calls
     than images, and each gets the answer it gets alone (one image, one call)."""
-    server = Server(folder, max_batch_size=8, batch_wait_ms=50, image_cache_mb=0)
+    server = Server(folder, max_batch_size=8, batch_wait_ms=50, image_cache_mb=0, prompt_cache_mb=0)
     try:
         bodies = [chat(f"Picture {i}?", png((25 * i, 200 - 20 * i, 90), (36 + 5 * i, 44)), max_tokens=6) for i in range(8)]
         alone = [json.loads(post(server.url, b, key=None)[1])["choices"][0]["message"]["content"] for b in bodies]
@@ -372,7 +406,7 @@ def test_newcomers_prefill_one_budget_a_step_and_still_get_their_answers(folder)
     """serve.max_prefill_tokens_per_step below one prompt: every newcomer is prefilled in a step of its own (a
     lone request always runs), between decode steps of the rows already running, and joins them; answers are
     those each request gets alone."""
-    server = Server(folder, max_batch_size=8, batch_wait_ms=20, max_prefill_tokens_per_step=1)
+    server = Server(folder, max_batch_size=8, batch_wait_ms=20, max_prefill_tokens_per_step=1, prompt_cache_mb=0)
     try:
         bodies = [chat(f"Tell me about picture {i}.", png((60 * i, 20, 90), (28 + 6 * i, 40)), max_tokens=150 if i == 0 else 8 + 4 * i)
                   for i in range(5)]

@@ -113,7 +113,8 @@ def test_rows_join_mid_generation_and_leave_early(random_export, pair, variant, 
     leave_after = {"a": 7, "b": STEPS, "c": STEPS}
     step, owners = model.prefill(a["input_ids"], a["attention_mask"], a["pixel_values"], a["pixel_attention_mask"]), ["a"]
     for t in range(40):
-        tokens = step.logits.argmax(-1).astype(np.int64)
+        tokens = step.greedy  # on the graph path the graph's ArgMax, the logits left in its buffer
+        assert tokens.tolist() == step.logits.argmax(-1).tolist()
         for row, owner in enumerate(owners):
             produced[owner].append(int(tokens[row]))
         keep = [i for i, o in enumerate(owners) if len(produced[o]) < leave_after[o]]
@@ -155,7 +156,7 @@ def test_graph_path_buckets_as_rows_join_and_leave(random_export, pair):
                 joined = model.prefill(p["input_ids"], p["attention_mask"], p["pixel_values"], p["pixel_attention_mask"])
                 assert joined.slots == [t // 2]
                 step, owners = (joined if step is None else model.merge(step, joined)), owners + [t // 2]
-            tokens = step.logits.argmax(-1).astype(np.int64)
+            tokens = step.greedy  # the logits are never read here: on the graph path they stay in its buffer
             for row, owner in enumerate(owners):
                 produced[owner].append(int(tokens[row]))
             keep = [i for i, o in enumerate(owners) if len(produced[o]) < steps[o]]
@@ -174,6 +175,60 @@ def test_graph_path_buckets_as_rows_join_and_leave(random_export, pair):
     assert run(plain)[0] == produced
     reference = OnnxVLM(random_export, "fp32", providers=CPU)
     assert produced == [greedy(reference, p, n)[0].tolist() for p, n in zip(prompts, steps)]
+
+
+def test_a_graph_steps_logits_are_read_from_its_buffer_only_until_the_buckets_next_step(random_export, pair):
+    """A decode step on the graph path brings its greedy tokens (the graph's ArgMax) to the host, not its logits:
+    those are copied when first read, and reading them after the bucket's next step overwrote its buffer raises
+    instead of returning another step's logits."""
+    model = slots(random_export, "fp32")
+    model.cuda_graph = True
+    a = {k: v[:1] for k, v in pair.items()}
+    first = model.decode(model.prefill(a["input_ids"], a["attention_mask"], a["pixel_values"], a["pixel_attention_mask"]),
+                         np.array([7]))
+    kept = model.select(first, [0])  # a view of the same step
+    second = model.decode(first, first.greedy)
+    with pytest.raises(RuntimeError, match="overwritten"):
+        _ = kept.logits
+    assert second.greedy.tolist() == second.logits.argmax(-1).tolist()
+    model.release(second)
+
+
+def test_a_cached_prompt_is_copied_into_a_slot_and_decodes_as_its_own_prefill(random_export, pair):
+    """The prompt cache: a prefilled prompt kept (`remember`) and later copied into another slot (`reuse`) while
+    another row decodes gives that prompt's first logits and then the tokens it gets alone; an entry is the prompt's
+    length of every layer's keys and values, and a cache too small for one keeps nothing."""
+    model = load_runtime(random_export, "fp32", serve_config(random_export, prompt_cache_mb=64), CPU)
+    a = {k: v[:1] for k, v in pair.items()}
+    b = {k: v[1:] for k, v in pair.items()}
+    step = model.prefill(a["input_ids"], a["attention_mask"], a["pixel_values"], a["pixel_attention_mask"])
+    first_logits, length = step.logits[0].copy(), int(model.lengths[step.slots[0]])
+    assert model.remember([b"a"], step) == 1 and model.remember([b"a"], step) == 0  # kept once
+    assert model.prompt_cache.bytes == length * model.slot_bytes // model.capacity * len(model.cache_names)
+    alone = []
+    for _ in range(STEPS):
+        alone.append(int(step.greedy[0]))
+        step = model.decode(step, step.greedy)
+    model.release(step)
+
+    running = model.prefill(b["input_ids"], b["attention_mask"], b["pixel_values"], b["pixel_attention_mask"])
+    running = model.decode(running, running.greedy)
+    reused = model.reuse([b"a"])
+    assert reused.slots == [1] and model.lengths[1] == length
+    np.testing.assert_array_equal(reused.logits[0], first_logits)
+    step, produced = model.merge(running, reused), []
+    for _ in range(STEPS):
+        produced.append(int(step.greedy[1]))
+        step = model.decode(step, step.greedy)
+    model.release(step)
+    assert produced == alone and model.free == {0, 1, 2}
+
+    small = load_runtime(random_export, "fp32", serve_config(random_export, prompt_cache_mb=0.001), CPU)
+    step = small.prefill(a["input_ids"], a["attention_mask"], a["pixel_values"], a["pixel_attention_mask"])
+    assert small.remember([b"a"], step) == 0 and len(small.prompt_cache) == 0
+    with pytest.raises(KeyError):
+        small.reuse([b"a"])
+    assert small.free == {1, 2}, "a failed reuse takes no slot"
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
@@ -216,7 +271,8 @@ def test_every_variant_derives(other_variants, pair, variant):
 def test_capturing_every_bucket_graph_leaves_the_slots_and_the_tokens_as_they_were(random_export, pair):
     """capture_graphs (run at load on CUDA) steps every batch bucket a few times: on the CPU without a graph it does
     nothing; on the graph path (run here on the CPU) it makes every bucket's fixed binding, and neither at load nor in
-    the middle of a generation does it change lengths, free slots or the greedy tokens."""
+    the middle of a generation does it change lengths, free slots or the greedy tokens (which a decode step brings
+    back with it: the logits stay in the bucket's buffer, which the capture's steps overwrite)."""
     plain = slots(random_export, "fp32")
     assert plain.capture_graphs() == 0.0 and plain._graphs == {}
     expected = greedy(plain, pair)
@@ -228,14 +284,14 @@ def test_capturing_every_bucket_graph_leaves_the_slots_and_the_tokens_as_they_we
     assert greedy(graph, pair).tolist() == expected.tolist()
     # mid-generation: both rows hold tokens when the buckets run again
     step = graph.prefill(pair["input_ids"], pair["attention_mask"], pair["pixel_values"], pair["pixel_attention_mask"])
-    tokens = [step.logits.argmax(-1).astype(np.int64)]
+    tokens = [step.greedy]
     for t in range(1, STEPS):
         step = graph.decode(step, tokens[-1])
-        if t == 4:
+        if t == 4:  # the step's greedy tokens came back with it; its logits are overwritten (they would raise)
             lengths, free = graph.lengths.copy(), set(graph.free)
             graph.capture_graphs()
             assert graph.lengths.tolist() == lengths.tolist() and graph.free == free
-        tokens.append(step.logits.argmax(-1).astype(np.int64))
+        tokens.append(step.greedy)
     graph.release(step)
     assert np.stack(tokens, axis=1).tolist() == expected.tolist()
 

@@ -9,7 +9,7 @@ from PIL import Image
 from smolbox.config import ServeConfig
 from smolbox.preprocess import Preprocessor
 from smolbox.runtime import OnnxVLM
-from smolbox.serve.scheduler import ImageCache, image_parts, plan, stack_tiles
+from smolbox.serve.scheduler import LRUCache, image_parts, plan, stack_tiles
 
 
 def limits(**values) -> ServeConfig:
@@ -35,7 +35,7 @@ def test_kv_capacity_makes_newcomers_wait_in_arrival_order():
 
 
 def test_image_cache_keeps_the_recently_used_within_its_bytes():
-    cache = ImageCache(max_bytes=3 * 400)  # three arrays of 100 float32
+    cache = LRUCache(max_bytes=3 * 400)  # three arrays of 100 float32
     for key in b"abc":
         cache.put(bytes([key]), np.full(100, key, np.float32))
     assert cache.get(b"a") is not None  # a is now the most recently used
@@ -43,7 +43,7 @@ def test_image_cache_keeps_the_recently_used_within_its_bytes():
     assert cache.get(b"b") is None and cache.get(b"a") is not None and len(cache) == 3 and cache.bytes == 1200
     cache.put(b"big", np.zeros(1000, np.float32))  # larger than the whole cache: not kept, nothing evicted
     assert cache.get(b"big") is None and len(cache) == 3
-    off = ImageCache(max_bytes=0)
+    off = LRUCache(max_bytes=0)
     off.put(b"a", np.zeros(1, np.float32))
     assert off.get(b"a") is None and len(off) == 0
 
