@@ -16,7 +16,8 @@ ArgMax, on the device) those of the host's argmax over its logits; against the p
 graph and non-graph slot runtimes disagree, the device's ArgMax disagrees with the host's, or the graph did not turn
 on. Decode rates read each step's greedy tokens as the server does, and once more with the logits copied to the host
 (`_logits_to_host`, the step before the decoder had its ArgMax). Slot runtimes also time a prompt-cache reuse of
-one prompt (its KV copied into a slot) against that prompt's prefill.
+one prompt (its KV copied into a slot) against that prompt's prefill, and check that the reused prompt decodes the
+tokens it decodes alone (exit status 1 if not).
 
 Batched prefill (slot runtimes): A and B prefilled in one call (right-padded, serve.batch_prefill) against each
 prefilled alone: the first logits' largest difference (fp16 rounding is ~1e-2; a wrong position or mask is of the
@@ -162,9 +163,10 @@ def decode_rate(model, p: dict, rows: int, steps: int, logits: bool = False) -> 
     return round(rate, 1)
 
 
-def reuse_ms(model, p: dict, repeats: int = 5) -> float:
-    """Median ms to take a slot for prompt `p` from the prompt cache (its KV copied into the slot), against which
-    prefill_ms's one-row figure is the prefill it replaces."""
+def prompt_reuse(model, p: dict, steps: int, repeats: int = 5) -> dict:
+    """Prompt `p` kept in the prompt cache, then taken into a slot from there (its KV copied in) while another copy
+    of it decodes in slot 0: the greedy tokens it then decodes against those of `p` alone (equal, or reuse is
+    wrong), and the median ms of a reuse, against which prefill_ms's one-row figure is the prefill it replaces."""
     step = prefill(model, p)
     model.remember([b"p"], step)
     model.release(step)
@@ -174,7 +176,14 @@ def reuse_ms(model, p: dict, repeats: int = 5) -> float:
         step = model.reuse([b"p"])
         times.append(time.perf_counter() - started)
         model.release(step)
-    return round(sorted(times[1:])[len(times[1:]) // 2] * 1000, 3)
+    running = prefill(model, p)
+    step, tokens = model.merge(running, model.reuse([b"p"])), []
+    for _ in range(steps):
+        tokens.append(int(step.greedy[1]))
+        step = model.decode(step, step.greedy)
+    model.release(step)
+    return {"reuse_ms_1_row": round(sorted(times[1:])[len(times[1:]) // 2] * 1000, 3),
+            "tokens_equal_alone": tokens == alone(model, p, steps)}
 
 
 def main() -> int:
@@ -215,6 +224,7 @@ def main() -> int:
             results[-1]["graph_buckets"] = sorted(model._graphs)
             results[-1]["graph_capture_s"] = round(model.capture_s, 2)
         if isinstance(model, SlotVLM):
+            results[-1]["kv_capacity_tokens"] = model.capacity
             try:  # a provider that refuses the batched first prompt must not hide the rest
                 results[-1]["batched_prefill"] = batched_prefill(model, a, b, args.steps // 2)
                 results[-1][f"prefill_ms_{args.slots}_rows_one_call"] = prefill_ms(model, a, args.slots)
@@ -225,10 +235,10 @@ def main() -> int:
             results[-1][f"prefill_ms_{args.slots}_rows_call_per_row"] = prefill_ms(model, a, args.slots)
             model.batch_prefill = True
             results[-1]["prefill_ms_1_row"] = prefill_ms(model, a, 1)
-            results[-1]["prompt_cache_reuse_ms_1_row"] = reuse_ms(model, a)
+            results[-1]["prompt_cache"] = prompt_reuse(model, a, args.steps // 2)
         print(json.dumps(results[-1]), flush=True)
     graph_ok = runtimes["slots+graph"].cuda_graph and runs["slots+graph"] == runs["slots"] \
-        and results[-1]["greedy_vs_host_argmax_mismatches"] == 0
+        and results[-1]["greedy_vs_host_argmax_mismatches"] == 0 and results[-1]["prompt_cache"]["tokens_equal_alone"]
     print(f"CUDA graph {'on' if runtimes['slots+graph'].cuda_graph else 'OFF'}; graph tokens "
           f"{'equal' if runs['slots+graph'] == runs['slots'] else 'DIFFER FROM'} the slot decoder without the graph")
     if args.json:

@@ -260,7 +260,8 @@ def engine_counters(url: str) -> dict[str, float]:
         if name.startswith('smolbox_engine_seconds_total{phase="'):
             out[name.split('"')[1] + "_s"] = float(value)
         elif name in ("smolbox_decode_steps_total", "smolbox_decode_rows_total", "smolbox_prompt_cache_hits_total",
-                      "smolbox_prompt_cache_misses_total"):
+                      "smolbox_prompt_cache_misses_total", "smolbox_queue_wait_seconds_sum", "smolbox_queue_wait_seconds_count",
+                      "smolbox_time_to_first_token_seconds_sum", "smolbox_time_to_first_token_seconds_count"):
             out[name.removeprefix("smolbox_").removesuffix("_total")] = float(value)
     return out
 
@@ -271,6 +272,11 @@ def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict:
     delta = {k: round(after.get(k, 0.0) - before.get(k, 0.0), 3) for k in after}
     phases = sum(v for k, v in delta.items() if k.endswith("_s"))
     steps = delta.get("decode_steps", 0.0)
+    # Server-side means over the run: request to first token (preprocessing included), and queue to admission.
+    for name in ("time_to_first_token", "queue_wait"):
+        count = delta.pop(f"{name}_seconds_count", 0.0)
+        total = delta.pop(f"{name}_seconds_sum", 0.0)
+        delta[f"server_{name}_mean_ms"] = round(1e3 * total / count, 1) if count else None
     return {**delta, "wall_s": round(wall_s, 2), "phases_s": round(phases, 2),
             "mean_decode_rows": round(delta.get("decode_rows", 0.0) / steps, 2) if steps else None,
             "decode_ms_per_step": round(1e3 * delta.get("decode_s", 0.0) / steps, 3) if steps else None}
@@ -354,7 +360,7 @@ def merge_load_parts(parts: list[dict]) -> dict:
     """One load run's numbers from its consecutive parts: counts summed, rates over the whole time, each part's
     percentiles kept as a list (in order: drift over the run shows there)."""
     seconds = sum(p["seconds"] for p in parts)
-    row = {"clients": parts[0]["clients"], "seconds": round(seconds, 2), "parts": len(parts),
+    row = {"clients": parts[0]["clients"], "prompts": parts[0].get("prompts"), "seconds": round(seconds, 2), "parts": len(parts),
            "requests": sum(p["requests"] for p in parts), "errors": sum(p["errors"] for p in parts),
            "first_errors": [e for p in parts for e in p["first_errors"]][:3]}
     for rate in ("requests_per_s", "tokens_per_s"):
@@ -457,7 +463,8 @@ def main() -> None:
             if r.get("event_loop"):
                 print(f"     event loop (main thread) CPU {r['event_loop']['cpu_s']} s, {r['event_loop']['cpu_ms_per_1k_tokens']} ms per 1,000 tokens")
             print(f"     engine thread over {e['wall_s']:.0f} s: {phases} s (sum {e['phases_s']:.1f}); {e.get('decode_steps', 0):.0f} "
-                  f"decode steps of {e['mean_decode_rows']} rows, {e['decode_ms_per_step']} ms each")
+                  f"decode steps of {e['mean_decode_rows']} rows, {e['decode_ms_per_step']} ms each; server means: first "
+                  f"token {e.get('server_time_to_first_token_mean_ms')} ms, queue wait {e.get('server_queue_wait_mean_ms')} ms")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class GenRequest:
     submitted: float = field(default_factory=time.perf_counter)
     images: list[tuple[bytes, np.ndarray]] = field(default_factory=list)  # (key, tiles) per image: scheduler.image_parts
     prompt_key: bytes | None = None  # scheduler.prompt_key, made on first use
+    queued: float = 0.0  # when the engine's queue took it (perf_counter)
 
     def post(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -135,6 +136,7 @@ class Engine:
         self.thread.join(timeout=30)
 
     def submit(self, request: GenRequest) -> None:
+        request.queued = time.perf_counter()
         self.scheduler.submit(request)
         self.metrics.queue_depth.set(self.scheduler.waiting())
 
@@ -224,6 +226,9 @@ class Engine:
         if not requests:
             return None
         self.metrics.batch_size.observe(len(requests))
+        now = time.perf_counter()
+        for r in requests:
+            self.metrics.queue_wait.observe(now - r.queued)
         hits = [r for r in requests if cached(r)]
         misses = [r for r in requests if not cached(r)]
         rows = [Row(r, self.preprocessor, self.outbox) for r in hits + misses]

@@ -36,15 +36,17 @@ are copied only when read (a sampling row), before that bucket's next step overw
 
 The prompt cache (serve.prompt_cache_mb, LRU): after a prefill the engine keeps each new prompt's KV, every layer's
 keys and values up to its length, in device memory with its last logits (`remember`); a newcomer with the same
-prompt (scheduler.prompt_key: its tokens and images) takes a free slot and gets that KV copied in (`reuse`: a Pad to
-the slot's capacity, written in place), its first logits the cached ones, and no prefill at all. Reuse is exact: the
-slot holds what the prompt's own prefill left there.
+prompt (scheduler.prompt_key: its tokens and images) takes a free slot and gets that KV copied into its first
+positions (`reuse`), its first logits the cached ones, and no prefill at all. Reuse is exact: the slot holds what the
+prompt's own prefill left there.
 
 No torch here: the serving image runs this module.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,7 +275,7 @@ class SlotVLM(OnnxVLM):
                  prompt_cache_bytes: int = 0):
         self.derived, self.slots, self.batch_prefill = derived, slots, batch_prefill
         self.prompt_cache = LRUCache(prompt_cache_bytes)  # prompt_key -> CachedPrompt (remember, reuse)
-        self._copy_sessions: dict = {}
+        self._keep_session = None
         self.capacity = min(capacity, derived.positions)
         self.want_cuda_graph = cuda_graph
         self.cuda_graph = False
@@ -303,6 +305,12 @@ class SlotVLM(OnnxVLM):
         self.buckets = sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
         self._graphs: dict[int, dict] = {}  # bucket -> its fixed-buffer binding, made by capture_graphs at load
         self.capture_s = self.capture_graphs()  # seconds; 0 without a CUDA graph
+        if self.on_cuda and self.prompt_cache.max_bytes:
+            try:
+                _cudart()
+            except RuntimeError as exc:
+                log.warning("serve: prompt cache off: %s", exc)
+                self.prompt_cache.max_bytes = 0
 
     def _session(self, graph: str, options, providers):
         if graph != "decoder_model_merged":
@@ -402,19 +410,19 @@ class SlotVLM(OnnxVLM):
             nbytes = length * self.slot_bytes // self.capacity * len(self.cache_names)
             if key in self.prompt_cache or nbytes > self.prompt_cache.max_bytes:
                 continue
-            binding = self._copy_binding("keep")
+            binding = self._keep_binding()
             for i, name in enumerate(self.cache_names):
                 binding.bind_input(f"slot{i}", self.device, 0, self.cache_dtype, self.slot_shape, self._slot_pointer(name, slot))
                 binding.bind_output(f"prompt{i}", self.device)
             binding.bind_cpu_input("length", np.array([length], np.int64))
-            self._copy_sessions["keep"].run_with_iobinding(binding)
+            self._keep_session.run_with_iobinding(binding)
             self.prompt_cache.put(key, CachedPrompt(binding.get_outputs(), length, np.array(logits, np.float32), nbytes))
             kept += 1
         return kept
 
     def reuse(self, keys: list[bytes]) -> SlotStep:
-        """Newcomers whose prompts the prompt cache holds: each takes a free slot, its cached KV is copied there (the
-        rest of the slot zeroed, as a fresh slot is) and its cached logits are its step's; no prefill."""
+        """Newcomers whose prompts the prompt cache holds: each takes a free slot, its cached KV is copied into the
+        slot's first positions (`_write_prompt`) and its cached logits are its step's; no prefill."""
         prompts = [self.prompt_cache.get(key) for key in keys]
         if any(p is None for p in prompts):
             raise KeyError("a prompt is not in the prompt cache")
@@ -424,33 +432,43 @@ class SlotVLM(OnnxVLM):
         self.free.difference_update(taken)
         try:
             for slot, prompt in zip(taken, prompts):
-                binding = self._copy_binding("reuse")
-                for i, name in enumerate(self.cache_names):
-                    binding.bind_ortvalue_input(f"prompt{i}", prompt.kv[i])
-                    binding.bind_output(f"slot{i}", self.device, 0, self.cache_dtype, self.slot_shape, self._slot_pointer(name, slot))
-                binding.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, self.capacity - prompt.length, 0], np.int64))
-                self._copy_sessions["reuse"].run_with_iobinding(binding)
+                self._write_prompt(slot, prompt)
                 self.lengths[slot] = prompt.length
         except Exception:
             self._free(taken)
             raise
         return SlotStep(taken, np.stack([p.logits for p in prompts]))
 
+    def _write_prompt(self, slot: int, prompt: CachedPrompt) -> None:
+        """A cached prompt's keys and values into positions 0 .. length-1 of a slot, in every layer. Per head those
+        positions are one run of memory, so each cache tensor is one strided copy: heads rows of length x head_dim
+        values, the slot's rows capacity x head_dim apart (numpy on the CPU, cudaMemcpy2D on CUDA). The positions
+        after the prompt keep what they held, as after a prefill: each is written before it is read."""
+        if not self.on_cuda:
+            for name, kv in zip(self.cache_names, prompt.kv):
+                self.buffers[name][slot, :, :prompt.length] = kv.numpy()[0]
+            return
+        cudart = _cudart()
+        width = prompt.length * self.derived.head_dim * np.dtype(self.cache_dtype).itemsize
+        pitch = self.capacity * self.derived.head_dim * np.dtype(self.cache_dtype).itemsize
+        for name, kv in zip(self.cache_names, prompt.kv):
+            _cuda_check(cudart.cudaMemcpy2DAsync(self._slot_pointer(name, slot), pitch, kv.data_ptr(), width, width,
+                                                 self.derived.heads, CUDA_MEMCPY_DEVICE_TO_DEVICE, None))
+        # On the legacy default stream, which onnxruntime's own stream does not wait for: done before the next run.
+        _cuda_check(cudart.cudaStreamSynchronize(None))
+
     def _slot_pointer(self, name: str, slot: int) -> int:
         return self.pointers[name] + slot * self.slot_bytes
 
-    def _copy_binding(self, op: str):
-        """An I/O binding of the prompt cache's copy graph `op` (made once, on the decoder's provider): keep = each
-        cache input's slot [1, heads, capacity, head_dim] cut to the prompt's length (Slice); reuse = a kept prompt
-        padded with zeros back to the slot's capacity (Pad), written into the slot in place."""
-        session = self._copy_sessions.get(op)
-        if session is None:
+    def _keep_binding(self):
+        """An I/O binding of the graph that cuts each cache tensor's slot [1, heads, capacity, head_dim] to a prompt's
+        length (made once, on the decoder's provider; its outputs are new device tensors, the cache entry)."""
+        if self._keep_session is None:
             import onnxruntime as ort
 
-            session = self._copy_sessions[op] = ort.InferenceSession(
-                _copy_graph(op, len(self.cache_names), self.cache_dtype).SerializeToString(),
-                providers=self.sessions["decoder_model_merged"].get_providers())
-        return session.io_binding()
+            self._keep_session = ort.InferenceSession(_keep_graph(len(self.cache_names), self.cache_dtype).SerializeToString(),
+                                                      providers=self.sessions["decoder_model_merged"].get_providers())
+        return self._keep_session.io_binding()
 
     def _take(self, rows: int) -> list[int]:
         """Free slots for `rows` newcomers: the lowest ones, unless they are not consecutive and the lowest run of
@@ -622,26 +640,42 @@ class SlotVLM(OnnxVLM):
         return g
 
 
-def _copy_graph(op: str, count: int, dtype) -> onnx.ModelProto:
-    """keep: prompt{i} = slot{i}[:, :, :length] for each of `count` cache tensors; reuse: slot{i} = Pad(prompt{i},
-    pads) (zeros after the prompt)."""
+def _keep_graph(count: int, dtype) -> onnx.ModelProto:
+    """prompt{i} = slot{i}[:, :, :length] for each of `count` cache tensors."""
     cache = lambda name, length: helper.make_tensor_value_info(name, ONNX_FLOAT[dtype], [1, "heads", length, "head_dim"])  # noqa: E731
-    if op == "keep":
-        inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([2], np.int64), "axis")]
-        nodes = [helper.make_node("Slice", [f"slot{i}", "zero", "length", "axis"], [f"prompt{i}"]) for i in range(count)]
-        inputs = [cache(f"slot{i}", "capacity") for i in range(count)]
-        inputs.append(helper.make_tensor_value_info("length", TensorProto.INT64, [1]))
-        outputs = [cache(f"prompt{i}", "length") for i in range(count)]
-    else:
-        inits = []
-        nodes = [helper.make_node("Pad", [f"prompt{i}", "pads"], [f"slot{i}"]) for i in range(count)]
-        inputs = [cache(f"prompt{i}", "length") for i in range(count)]
-        inputs.append(helper.make_tensor_value_info("pads", TensorProto.INT64, [8]))
-        outputs = [cache(f"slot{i}", "capacity") for i in range(count)]
-    graph = helper.make_graph(nodes, f"smolbox_prompt_{op}", inputs, outputs, inits)
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([2], np.int64), "axis")]
+    nodes = [helper.make_node("Slice", [f"slot{i}", "zero", "length", "axis"], [f"prompt{i}"]) for i in range(count)]
+    inputs = [cache(f"slot{i}", "capacity") for i in range(count)]
+    inputs.append(helper.make_tensor_value_info("length", TensorProto.INT64, [1]))
+    graph = helper.make_graph(nodes, "smolbox_prompt_keep", inputs, [cache(f"prompt{i}", "length") for i in range(count)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="smolbox.serve")
     model.ir_version = IR_VERSION
     return model
+
+
+CUDA_MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyKind
+
+
+@functools.cache
+def _cudart():
+    """The CUDA runtime library onnxruntime's CUDA provider runs on (loaded by then: engine.preload_cuda_libraries,
+    or the system's), for the strided copies of the prompt cache, which onnxruntime has no call for."""
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                                          ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
+        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        return lib
+    raise RuntimeError("no CUDA runtime library (libcudart) found for the prompt cache; set serve.prompt_cache_mb=0")
+
+
+def _cuda_check(code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"CUDA error {code}: {_cudart().cudaGetErrorString(code).decode()}")
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int]]:
