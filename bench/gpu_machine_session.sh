@@ -203,8 +203,8 @@ case "${1:?stage}" in
            # device's ArgMax against the host's, decode with and without logits to the host, a prompt-cache reuse
            # against the prefill it replaces), then HTTP 32 clients x 256 tokens, 20 s each: prompt_cache_mb=0 and
            # default, each with the same prompt for every request and with a numbered question each
-    python -m bench.kv_slots_bench --export /tmp/exp/base --variant q4f16 --slots 8 --steps 64 --json "$OUT/kv_slots8.json" \
-      2>&1 | grep -vE "Warn|warn" | tail -6
+    [ -n "${SKIP_KV_BENCH:-}" ] || python -m bench.kv_slots_bench --export /tmp/exp/base --variant q4f16 --slots 8 --steps 64 \
+      --json "$OUT/kv_slots8.json" 2>&1 | grep -vE "Warn|warn" | tail -6
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
       --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 --serve-sets ${SERVE_SETS:-prompt_cache_mb=0 default} \
       --prompts same distinct --json "$OUT/serve8.json" 2>&1 | grep -vE "Warn|warn" | tail -5

@@ -261,7 +261,8 @@ def engine_counters(url: str) -> dict[str, float]:
             out[name.split('"')[1] + "_s"] = float(value)
         elif name in ("smolbox_decode_steps_total", "smolbox_decode_rows_total", "smolbox_prompt_cache_hits_total",
                       "smolbox_prompt_cache_misses_total", "smolbox_queue_wait_seconds_sum", "smolbox_queue_wait_seconds_count",
-                      "smolbox_time_to_first_token_seconds_sum", "smolbox_time_to_first_token_seconds_count"):
+                      "smolbox_time_to_first_token_seconds_sum", "smolbox_time_to_first_token_seconds_count",
+                      "smolbox_preprocess_seconds_sum", "smolbox_preprocess_seconds_count"):
             out[name.removeprefix("smolbox_").removesuffix("_total")] = float(value)
     return out
 
@@ -272,8 +273,8 @@ def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict:
     delta = {k: round(after.get(k, 0.0) - before.get(k, 0.0), 3) for k in after}
     phases = sum(v for k, v in delta.items() if k.endswith("_s"))
     steps = delta.get("decode_steps", 0.0)
-    # Server-side means over the run: request to first token (preprocessing included), and queue to admission.
-    for name in ("time_to_first_token", "queue_wait"):
+    # Server-side means over the run: request to first token, request to the queue (preprocessing), queue to admission.
+    for name in ("time_to_first_token", "preprocess", "queue_wait"):
         count = delta.pop(f"{name}_seconds_count", 0.0)
         total = delta.pop(f"{name}_seconds_sum", 0.0)
         delta[f"server_{name}_mean_ms"] = round(1e3 * total / count, 1) if count else None
@@ -464,7 +465,8 @@ def main() -> None:
                 print(f"     event loop (main thread) CPU {r['event_loop']['cpu_s']} s, {r['event_loop']['cpu_ms_per_1k_tokens']} ms per 1,000 tokens")
             print(f"     engine thread over {e['wall_s']:.0f} s: {phases} s (sum {e['phases_s']:.1f}); {e.get('decode_steps', 0):.0f} "
                   f"decode steps of {e['mean_decode_rows']} rows, {e['decode_ms_per_step']} ms each; server means: first "
-                  f"token {e.get('server_time_to_first_token_mean_ms')} ms, queue wait {e.get('server_queue_wait_mean_ms')} ms")
+                  f"token {e.get('server_time_to_first_token_mean_ms')} ms, preprocess {e.get('server_preprocess_mean_ms')} ms, "
+                  f"queue wait {e.get('server_queue_wait_mean_ms')} ms")
 
 
 if __name__ == "__main__":

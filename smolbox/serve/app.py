@@ -108,6 +108,7 @@ def build_app(cfg: Config) -> FastAPI:
                                 f"{change}.", param, "context_length_exceeded")
         job = GenRequest(encoded, prompt_tokens, prompt.max_tokens, prompt.temperature, prompt.top_p, prompt.seed, prompt.stop,
                          asyncio.Queue(), asyncio.get_running_loop(), started, images)
+        metrics.preprocess.observe(time.perf_counter() - started)
         try:
             engine.submit(job)
         except QueueFull:

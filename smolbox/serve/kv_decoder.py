@@ -659,10 +659,13 @@ CUDA_MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyKind
 @functools.cache
 def _cudart():
     """The CUDA runtime library onnxruntime's CUDA provider runs on (loaded by then: engine.preload_cuda_libraries,
-    or the system's), for the strided copies of the prompt cache, which onnxruntime has no call for."""
+    or the system's), for the strided copies of the prompt cache, which onnxruntime has no call for. Loaded as a
+    PyDLL, whose calls keep the GIL: these calls are short, and a CDLL's release and retake of the GIL around each
+    of them waited for the event loop and request threads under load (11 ms a reuse in the server against 0.4 ms
+    alone on the H200: docs/benchmarks.md)."""
     for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
         try:
-            lib = ctypes.CDLL(name)
+            lib = ctypes.PyDLL(name)
         except OSError:
             continue
         lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,

@@ -1,5 +1,5 @@
 """The server's Prometheus metrics (GET /metrics): requests and errors, latency and time to first token, tokens,
-queue wait and depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image- and prompt-cache hits and misses, and the
+preprocessing time, queue wait and depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image- and prompt-cache hits and misses, and the
 engine thread's time by phase (what a step's wall time goes to under load). One registry per app, so two servers in
 one process never share counts."""
 
@@ -18,6 +18,7 @@ class Metrics:
         self.latency = Histogram("smolbox_request_latency_seconds", "Time from request to last token", buckets=BUCKETS, registry=registry)
         self.ttft = Histogram("smolbox_time_to_first_token_seconds", "Time from request to first token", buckets=BUCKETS, registry=registry)
         self.tokens = Counter("smolbox_generated_tokens_total", "Completion tokens generated", registry=registry)
+        self.preprocess = Histogram("smolbox_preprocess_seconds", "Time from the request to the engine's queue: validation, images, tokens", buckets=BUCKETS, registry=registry)
         self.queue_wait = Histogram("smolbox_queue_wait_seconds", "Time from the engine's queue to the step that admits the request", buckets=BUCKETS, registry=registry)
         self.queue_depth = Gauge("smolbox_queue_depth", "Requests waiting for the engine", registry=registry)
         self.batch_size = Histogram("smolbox_batch_size", "Requests per prefill batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
