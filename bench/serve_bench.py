@@ -35,7 +35,7 @@ def image():
     return tiny.draw("circle", tiny.COLORS["red"], (512, 384), random.Random(3))
 
 
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -74,12 +74,12 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
         step = model.prefill(*args)
         return step, step.logits.argmax(-1).astype(np.int64)
 
-    ttft = _median_ms(first_token, repeats)
-    vision = _median_ms(lambda: model._run("vision_encoder", {"pixel_values": enc.pixel_values,
+    ttft = median_ms(first_token, repeats)
+    vision = median_ms(lambda: model._run("vision_encoder", {"pixel_values": enc.pixel_values,
                                                               "pixel_attention_mask": enc.pixel_attention_mask.astype(bool)}), repeats)
     ids, mask = model.pad_prompt(enc.input_ids, enc.attention_mask)  # as prefill() does
     embeds = model.embed(ids, enc.pixel_values, enc.pixel_attention_mask)
-    prefill = _median_ms(lambda: model.forward(embeds, mask, model.empty_past(1)), repeats)
+    prefill = median_ms(lambda: model.forward(embeds, mask, model.empty_past(1)), repeats)
 
     def decode_rate(rows: int) -> float:
         inputs = pad_batch([enc] * rows, pre.pad_token_id)
@@ -215,8 +215,8 @@ def hf_engine(model_dir: Path, kind: str, new_tokens: int, repeats: int) -> dict
             model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         torch.cuda.synchronize()
 
-    ttft = _median_ms(lambda: generate(1), repeats)
-    full = _median_ms(lambda: generate(1 + new_tokens), max(1, repeats // 2), warmup=1)
+    ttft = median_ms(lambda: generate(1), repeats)
+    full = median_ms(lambda: generate(1 + new_tokens), max(1, repeats // 2), warmup=1)
     out = {"engine": f"transformers {kind}", "provider": "torch CUDA", "prompt_tokens": int(inputs["input_ids"].shape[1]),
            "load_s": round(load_s, 1), "ttft_ms": ttft, "decode_tok_s_b1": round(new_tokens / ((full - ttft) / 1000), 1),
            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
@@ -430,13 +430,15 @@ def main() -> None:
         results["engines"].append(row)
         save()
     if args.http_variant and args.clients:
-        try:
-            results["http"] = [row for mode in args.batching for serve_set in args.serve_sets for row in http(
-                args.export, args.http_variant, args.clients, args.seconds, args.max_tokens, args.max_batch, mode == "continuous",
-                session_config(args.http_session_config), session_config(serve_set), args.memory_samples, args.prompts)]
-        except Exception as exc:  # noqa: BLE001
-            results["http"] = [{"error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
-        save()
+        for mode in args.batching:
+            for serve_set in args.serve_sets:  # one server failing (a bad setting) keeps the others' rows
+                try:
+                    results["http"] += http(args.export, args.http_variant, args.clients, args.seconds, args.max_tokens,
+                                            args.max_batch, mode == "continuous", session_config(args.http_session_config),
+                                            session_config(serve_set), args.memory_samples, args.prompts)
+                except Exception as exc:  # noqa: BLE001
+                    results["http"].append({"serve_set": serve_set, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                save()
 
     print(f"{'engine':<34} {'provider':<22} {'prompt':>6} {'TTFT ms':>8} {'vision ms':>9} {'prefill ms':>10} {'tok/s b1':>9} {'tok/s bN':>9}")
     for r in results["engines"]:

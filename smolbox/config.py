@@ -202,6 +202,10 @@ class ServeConfig(_Section):
     image_cache_mb: float = Field(
         256.0, ge=0, description="Vision features of recent images (LRU, keyed by a hash of the preprocessed pixels) "
                                  "that a repeated image reuses instead of running the vision encoder; 0 = off")
+    tile_cache_mb: float = Field(
+        128.0, ge=0, description="Tiles of recent images (LRU, keyed by a hash of the decoded pixels), in each process "
+                                 "that preprocesses requests: an image sent again (every later turn of a chat resends "
+                                 "it) is not resized and tiled again; 0 = off")
     prompt_cache_mb: float = Field(
         1024.0, ge=0, description="With kv_slots, the KV cache of recent prompts (LRU, keyed by a hash of the prompt's "
                                   "tokens and images) in the decoder's memory: a repeated prompt (a retry, the same "

@@ -11,6 +11,7 @@ uint8 image) changes the pixels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -57,6 +58,25 @@ class Encoded:
     pixel_values: np.ndarray | None  # [1, N, 3, H, W] in Preprocessor.pixel_dtype; None when the prompt has no image
     pixel_attention_mask: np.ndarray | None  # bool [1, N, H, W]
     image_tiles: tuple[int, ...] = ()  # tiles of each image, in order (they sum to N)
+    image_digests: tuple[bytes, ...] = ()  # image_digest of each image, in order
+
+
+@dataclass
+class TiledImage:
+    """One image's tiles (Preprocessor.image_tiles) as the tile cache keeps them."""
+
+    tiles: list[np.ndarray]
+    rows: int
+    cols: int
+    nbytes: int
+
+
+def image_digest(image: Image.Image, pixel_dtype) -> bytes:
+    """A blake2b hash of a decoded image's pixels (mode, size, bytes) and the dtype its tiles are made in: what the
+    tiles depend on, given a Preprocessor's settings."""
+    digest = hashlib.blake2b(f"{image.mode}{image.size}{np.dtype(pixel_dtype).name}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return digest.digest()
 
 
 class Preprocessor:
@@ -80,6 +100,9 @@ class Preprocessor:
         # in the published files; float16 for a graph that declares it); the library returns float32.
         self.pixel_dtype = np.float32
         self._tables: dict[tuple, np.ndarray] = {}
+        # The server sets an LRU (get/put by image_digest, values' nbytes) of recent images' tiles, so an image sent
+        # again (every later turn of a chat resends it) is not resized and tiled again; None = no cache.
+        self.tile_cache = None
         self.image_token_id = model_config.get("image_token_id", self.tokenizer.token_to_id(IMAGE_TOKEN))
         # Generation stops on generation_config's eos ids, as in smolbox.runtime.
         text_config = model_config.get("text_config", {})
@@ -116,15 +139,22 @@ class Preprocessor:
             raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} tokens but {len(images)} images were given")
         tiles: list[np.ndarray] = []
         counts: list[int] = []
+        digests: list[bytes] = []
         expanded = [pieces[0]]
         for image, piece in zip(images, pieces[1:]):
-            image_tiles, rows, cols = self.image_tiles(image)
-            tiles += image_tiles
-            counts.append(len(image_tiles))
-            expanded += [self.image_prompt(rows, cols), piece]
+            digests.append(image_digest(image, self.pixel_dtype))
+            tiled = self.tile_cache.get(digests[-1]) if self.tile_cache is not None else None
+            if tiled is None:
+                image_tiles, rows, cols = self.image_tiles(image)
+                tiled = TiledImage(image_tiles, rows, cols, sum(t.nbytes for t in image_tiles))
+                if self.tile_cache is not None:
+                    self.tile_cache.put(digests[-1], tiled)
+            tiles += tiled.tiles
+            counts.append(len(tiled.tiles))
+            expanded += [self.image_prompt(tiled.rows, tiled.cols), piece]
 
         ids = np.array([self.tokenizer.encode("".join(expanded)).ids], dtype=np.int64)
-        encoded = Encoded(ids, np.ones_like(ids), None, None, tuple(counts))
+        encoded = Encoded(ids, np.ones_like(ids), None, None, tuple(counts), tuple(digests))
         if tiles:
             batch = pad_images([tiles])
             encoded.pixel_values, encoded.pixel_attention_mask = batch["pixel_values"], batch["pixel_attention_mask"]

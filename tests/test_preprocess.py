@@ -254,3 +254,34 @@ print(e.input_ids[0].tolist())
     theirs = AutoProcessor.from_pretrained(tiny_folder)(text=[text], images=[[Image.open(image_path)]], return_tensors="np")
     assert json.loads(result.stdout) == theirs["input_ids"][0].tolist()
     np.testing.assert_array_equal(np.load(tmp_path / "pixels.npy"), theirs["pixel_values"])
+
+
+class CountingPreprocessor(Preprocessor):
+    """Counts the images it really tiles."""
+
+    tiled = 0
+
+    def image_tiles(self, image):
+        self.tiled += 1
+        return super().image_tiles(image)
+
+
+def test_a_tile_cache_tiles_a_repeated_image_once_with_the_same_inputs(real_folder):
+    """With a tile cache (the server's serve.tile_cache_mb), an image sent again, as a new decoded copy, is not tiled
+    again and gives the same ids, pixels and digest; another image, or the same one in another dtype, is a new entry."""
+    from smolbox.serve.scheduler import LRUCache
+
+    plain, cached = Preprocessor(real_folder), CountingPreprocessor(real_folder)
+    cached.tile_cache = LRUCache(2**30)
+    text = plain.render_chat([user(None, "What is it?")])
+    first, again = (cached.encode(text, [make_image(512, 384, "RGB")]) for _ in range(2))
+    expected = plain.encode(text, [make_image(512, 384, "RGB")])
+    assert cached.tiled == 1 and len(cached.tile_cache) == 1
+    for e in (first, again):
+        np.testing.assert_array_equal(e.input_ids, expected.input_ids)
+        np.testing.assert_array_equal(e.pixel_values, expected.pixel_values)
+        assert e.image_digests == expected.image_digests and len(e.image_digests) == 1
+    cached.encode(text, [make_image(512, 384, "RGB", seed=1)])
+    cached.pixel_dtype = np.float16
+    assert cached.encode(text, [make_image(512, 384, "RGB")]).pixel_values.dtype == np.float16
+    assert cached.tiled == 3 and len(cached.tile_cache) == 3

@@ -26,6 +26,7 @@ from ..preprocess import Encoded, Preprocessor, pad_batch
 from ..runtime import OnnxVLM, Step, default_providers
 from .kv_decoder import load_runtime
 from .metrics import Metrics
+from .prepare import tiling_preprocessor
 from .scheduler import LRUCache, Scheduler, prompt_key, stack_tiles
 
 log = logging.getLogger("smolbox.serve")
@@ -298,7 +299,7 @@ class Engine:
         if providers is None or "CUDAExecutionProvider" in providers:
             preload_cuda_libraries()
         started = time.perf_counter()
-        self.preprocessor = Preprocessor(self.folder)
+        self.preprocessor = tiling_preprocessor(self.folder, self.cfg.serve)
         self.variant = resolve_variant(self.cfg.serve.variant, self.folder, providers)
         self.model = load_runtime(self.folder, self.variant, self.cfg.serve, providers)  # slot (GQA) decoder when it derives
         self.preprocessor.pixel_dtype = self.model.pixel_dtype  # what the vision graph declares: no cast per request

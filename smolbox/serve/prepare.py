@@ -23,7 +23,7 @@ import numpy as np
 from ..config import ServeConfig
 from ..preprocess import Encoded, Preprocessor
 from .api import Prompt, validate
-from .scheduler import image_parts
+from .scheduler import LRUCache, image_parts
 
 Prepared = tuple[Prompt, Encoded, list[tuple[bytes, np.ndarray]]]
 
@@ -69,7 +69,14 @@ _worker: tuple[Preprocessor, ServeConfig, str] | None = None  # in a worker proc
 
 def _start_worker(folder: str, limits: ServeConfig, model_name: str) -> None:
     global _worker
-    _worker = (Preprocessor(folder), limits, model_name)
+    _worker = (tiling_preprocessor(folder, limits), limits, model_name)
+
+
+def tiling_preprocessor(folder, limits: ServeConfig) -> Preprocessor:
+    """The export's Preprocessor with a tile cache of serve.tile_cache_mb (one per process that preprocesses)."""
+    preprocessor = Preprocessor(folder)
+    preprocessor.tile_cache = LRUCache(int(limits.tile_cache_mb * 2**20)) if limits.tile_cache_mb > 0 else None
+    return preprocessor
 
 
 def _prepare_in_worker(body, pixel_dtype: str, identity: bytes) -> Prepared:

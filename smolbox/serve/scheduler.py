@@ -107,19 +107,17 @@ class Scheduler:
 
 def image_parts(encoded: Encoded, identity: bytes) -> list[tuple[bytes, np.ndarray]]:
     """(key, tiles [n, 3, h, w]) for each image of a request, its tiles cut out of the request's zero padding. The
-    key is a blake2b hash of the export's identity and the preprocessed pixels, so an image sent again (a later turn
-    of a chat, a retry), in any request, has the same key."""
+    key is a blake2b hash of the export's identity and the image's digest (preprocess.image_digest: its decoded
+    pixels and the tiles' dtype, which with the export's preprocessing settings make the tiles), so an image sent
+    again (a later turn of a chat, a retry), in any request, has the same key."""
     if encoded.pixel_values is None:
         return []
     pixels, masks, parts, start = encoded.pixel_values[0], encoded.pixel_attention_mask[0], [], 0
-    for count in encoded.image_tiles:
+    for count, digest in zip(encoded.image_tiles, encoded.image_digests, strict=True):
         mask = masks[start]
         height, width = int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum())
         tiles = np.ascontiguousarray(pixels[start:start + count, :, :height, :width])
-        digest = hashlib.blake2b(identity, digest_size=16)
-        digest.update(f"{tiles.shape}{tiles.dtype}".encode())
-        digest.update(tiles)  # hashlib releases the GIL for large buffers: no stall of the event loop
-        parts.append((digest.digest(), tiles))
+        parts.append((hashlib.blake2b(identity + digest, digest_size=16).digest(), tiles))
         start += count
     return parts
 
@@ -146,11 +144,13 @@ def stack_tiles(tiles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 class LRUCache:
     """Values by key, least recently used first out, within `max_bytes` of their `nbytes` (0 = keeps nothing): the
-    vision features of images (by image key) and the KV of prompts (smolbox.serve.kv_decoder.CachedPrompt)."""
+    vision features of images (by image key), the KV of prompts (smolbox.serve.kv_decoder.CachedPrompt) and the
+    tiles of images (preprocess.TiledImage, used by the request threads at once: hence the lock)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
         self._items: OrderedDict[bytes, object] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -159,16 +159,18 @@ class LRUCache:
         return key in self._items
 
     def get(self, key: bytes):
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
 
     def put(self, key: bytes, value) -> None:
-        if value.nbytes > self.max_bytes or key in self._items:
-            return
-        self._items[key] = value
-        self.bytes += value.nbytes
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= old.nbytes
+        with self._lock:
+            if value.nbytes > self.max_bytes or key in self._items:
+                return
+            self._items[key] = value
+            self.bytes += value.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.nbytes
