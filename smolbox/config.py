@@ -206,6 +206,11 @@ class ServeConfig(_Section):
         128.0, ge=0, description="Tiles of recent images (LRU, keyed by a hash of the decoded pixels), in each process "
                                  "that preprocesses requests: an image sent again (every later turn of a chat resends "
                                  "it) is not resized and tiled again; 0 = off")
+    prefill_dequantized: bool = Field(
+        False, description="With kv_slots and a 4-bit variant, prefills run through a second decoder whose 4-bit weights "
+                           "are dequantized once at load (the same numbers; plain half-precision matrix products for "
+                           "long prompts), decode steps through the 4-bit one; costs the text model's float weights in "
+                           "device memory")
     prompt_cache_mb: float = Field(
         1024.0, ge=0, description="With kv_slots, the KV cache of recent prompts (LRU, keyed by a hash of the prompt's "
                                   "tokens and images) in the decoder's memory: a repeated prompt (a retry, the same "

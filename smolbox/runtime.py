@@ -37,7 +37,7 @@ def variant_providers(variant: str, cuda_options: dict | None = None) -> list:
 CUDA_OPTIONS = {"sdpa_kernel": "2"}
 
 
-def _with_cuda_options(provider):
+def with_cuda_options(provider):
     if provider == "CUDAExecutionProvider":
         return (provider, dict(CUDA_OPTIONS))
     if isinstance(provider, tuple) and provider[0] == "CUDAExecutionProvider":
@@ -82,7 +82,7 @@ class OnnxVLM:
             options.add_session_config_entry(key, str(value))
         self.providers = providers or default_providers()
         self.sessions = {
-            g: self._session(g, options, [_with_cuda_options(p) for p in self.providers] if g == "decoder_model_merged" else self.providers)
+            g: self._session(g, options, [with_cuda_options(p) for p in self.providers] if g == "decoder_model_merged" else self.providers)
             for g in GRAPHS
         }
         decoder = self.sessions["decoder_model_merged"]

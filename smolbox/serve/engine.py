@@ -57,8 +57,8 @@ class GenRequest:
 
 
 class Outbox:
-    """Events of the rows of an engine step, handed to their event loop together when the step ends: one wake-up of
-    the loop a step instead of one a token (each call_soon_threadsafe takes the loop's lock and writes to its
+    """Events of the rows of an engine step, handed to their event loop together once every row has its token: one
+    wake-up of the loop a step instead of one a token (each call_soon_threadsafe takes the loop's lock and writes to its
     wake-up pipe, and each wake-up runs on the loop's thread, which holds the GIL the engine thread needs)."""
 
     def __init__(self):
@@ -170,7 +170,9 @@ class Engine:
     def _step(self, batch: Batch | None) -> Batch | None:
         """One engine step (continuous batching): sample a token for every running row from the current logits, let
         finished rows leave, decode one step for the others, then prefill this step's newcomers and let them join.
-        The rows' events go out together at the end (Outbox), also when the step fails, before its error."""
+        The rows' events go out together (Outbox) as soon as every row has its token, before the decode step and
+        the newcomers' prefill, so a token does not wait for them; anything posted later in the step (a failed
+        prefill's errors) goes at its end, also when the step fails."""
         try:
             return self._run_step(batch)
         finally:
@@ -187,6 +189,7 @@ class Engine:
                 if row.finished:
                     self.scheduler.release(row.request)
             keep = [i for i, row in enumerate(batch.rows) if not row.finished]
+            self.outbox.flush()
             clock.lap("rows")
             if not keep:
                 model.release(batch.step)  # every row finished: their KV slots are free for this step's newcomers

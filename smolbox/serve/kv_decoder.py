@@ -56,7 +56,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import IR_VERSION, ONNX_FLOAT, OPSET, ORT_TO_NUMPY, PAST, PRESENT, graph_path
-from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims
+from ..runtime import CUDA_OPTIONS, OnnxVLM, with_cuda_options, bind_input, default_providers, dims
 from .scheduler import LRUCache
 
 log = logging.getLogger("smolbox.serve")
@@ -272,8 +272,9 @@ class SlotVLM(OnnxVLM):
 
     def __init__(self, folder, variant: str, derived: Derived, slots: int, capacity: int, providers=None,
                  session_config: dict[str, str] | None = None, cuda_graph: bool = True, batch_prefill: bool = True,
-                 prompt_cache_bytes: int = 0):
+                 prompt_cache_bytes: int = 0, prefill_dequantized: bool = False):
         self.derived, self.slots, self.batch_prefill = derived, slots, batch_prefill
+        self._session_config = session_config or {}
         self.prompt_cache = LRUCache(prompt_cache_bytes)  # prompt_key -> CachedPrompt (remember, reuse)
         self._keep_session = None
         self.capacity = min(capacity, derived.positions)
@@ -305,6 +306,8 @@ class SlotVLM(OnnxVLM):
         self.buckets = sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
         self._graphs: dict[int, dict] = {}  # bucket -> its fixed-buffer binding, made by capture_graphs at load
         self.capture_s = self.capture_graphs()  # seconds; 0 without a CUDA graph
+        # serve.prefill_dequantized: prefills through a second session with the 4-bit weights dequantized (dequant.py)
+        self.prefill_session, self._prefill_weights = (self._dequantized_prefill_session() if prefill_dequantized else (None, []))
         if self.on_cuda and self.prompt_cache.max_bytes:
             try:
                 _cudart()
@@ -331,6 +334,32 @@ class SlotVLM(OnnxVLM):
                 log.warning("serve: CUDA graph for the decode step unavailable (%s); decoding without", exc)
         return ort.InferenceSession(data, options, providers=providers)
 
+    def _dequantized_prefill_session(self):
+        """(session, its weights as OrtValues, which must outlive it) of the derived decoder with its MatMulNBits
+        dequantized, on the decoder's providers without a CUDA graph; (None, []) when the variant has none."""
+        import onnxruntime as ort
+
+        from .dequant import dequantize_matmuls
+
+        folder = graph_path(self.folder, "decoder_model_merged", self.variant).parent
+        dequantized = dequantize_matmuls(self.derived.model, folder)
+        if not dequantized.count:
+            log.info("serve: serve.prefill_dequantized: %s has no 4-bit MatMulNBits; prefills use the decoder", self.variant)
+            return None, []
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        for key, value in {**self._session_config, EXTERNAL_DATA_FOLDER: str(folder)}.items():
+            options.add_session_config_entry(key, str(value))
+        names = list(dequantized.weights)
+        values = [ort.OrtValue.ortvalue_from_numpy(dequantized.weights.pop(name), self.device, 0) for name in names]
+        options.add_external_initializers(names, values)
+        providers = [with_cuda_options(p) for p in self.providers]
+        session = ort.InferenceSession(dequantized.model.SerializeToString(), options, providers=providers)
+        log.info("serve: prefills through a decoder with %d MatMulNBits dequantized (%.2f GiB of %s weights)", dequantized.count,
+                 sum(v.shape()[0] * v.shape()[1] for v in values) * np.dtype(self.cache_dtype).itemsize / 2**30,
+                 np.dtype(self.cache_dtype).name)
+        return session, values
+
     # ---- slots ----
 
     def _bind_slots(self, binding, first: int, count: int) -> None:
@@ -348,20 +377,21 @@ class SlotVLM(OnnxVLM):
         at its own last token). Returns [rows, vocab] float32."""
         import onnxruntime as ort
 
-        session = self.sessions["decoder_model_merged"]
+        positions = dims(embeds)[1]
+        prefill = positions > 1 and self.prefill_session is not None
+        session = self.prefill_session if prefill else self.sessions["decoder_model_merged"]
         binding = session.io_binding()
         bind_input(binding, "inputs_embeds", embeds, self.input_types["decoder_model_merged"]["inputs_embeds"])
         binding.bind_cpu_input("seqlens_k", seqlens)
         # A prompt (several positions) must give the padded length: GroupQueryAttention takes sequence length ==
         # total_sequence_length as a first prompt, where each row starts at position 0 of its slot.
-        positions = dims(embeds)[1]
         total = positions if positions > 1 else seqlens.max() + 1
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         binding.bind_cpu_input(LAST_INDEX, np.zeros(len(seqlens), np.int64) if last is None else last.astype(np.int64))
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows the order of binding
         self._bind_slots(binding, first, len(seqlens))
         options = ort.RunOptions()
-        if self.cuda_graph:
+        if self.cuda_graph and not prefill:
             options.add_run_config_entry("gpu_graph_id", "-1")  # prefill: shapes vary, never captured
         session.run_with_iobinding(binding, options)
         return binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
@@ -708,7 +738,7 @@ def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
             capacity = serve.kv_capacity_tokens or serve.max_prompt_tokens + serve.max_tokens_limit
             model = SlotVLM(folder, variant, derived, serve.max_batch_size, capacity, providers,
                             serve.ort_session_config, cuda_graph=serve.cuda_graph, batch_prefill=serve.batch_prefill,
-                            prompt_cache_bytes=int(serve.prompt_cache_mb * 2**20))
+                            prompt_cache_bytes=int(serve.prompt_cache_mb * 2**20), prefill_dequantized=serve.prefill_dequantized)
             log.info("serve: decoder with %d KV slots of %d tokens (GroupQueryAttention, %.2f GiB of cache)%s", model.slots,
                      model.capacity, model.slot_bytes * model.slots * len(model.cache_names) / 2**30,
                      ", decode step as a CUDA graph" if model.cuda_graph else "")
