@@ -40,6 +40,9 @@
 #   bash bench/gpu_machine_session.sh serve8       (after export-base) the decoder's ArgMax and the prompt cache: kv_slots_bench,
 #                                          then HTTP 32 clients x 256 tokens, prompt_cache_mb=0 and default, each with the
 #                                          same prompt for every request and a numbered question each (SERVE_SETS)
+#   bash bench/gpu_machine_session.sh serve9       (after export-base) the tile cache and serve.prefill_dequantized: kv_slots_bench
+#                                          with the dequantized-prefill runtime, HTTP default / prefill_dequantized=true,
+#                                          same and distinct prompts
 #   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server under 32 clients x 256 tokens for
 #                                          5 minutes, its GPU memory and RSS read 10 times (first, last, max)
 set -uo pipefail
@@ -208,6 +211,15 @@ case "${1:?stage}" in
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
       --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 --serve-sets ${SERVE_SETS:-prompt_cache_mb=0 default} \
       --prompts same distinct --json "$OUT/serve8.json" 2>&1 | grep -vE "Warn|warn" | tail -5
+    ;;
+  serve9)  # (after export-base) issue #13, fourth round: the tile cache (on by default since lease 8) and
+           # serve.prefill_dequantized. kv_slots_bench with the dequantized-prefill runtime, then HTTP 32 clients x 256
+           # tokens, 20 s each: default and prefill_dequantized=true (or SERVE_SETS), same and distinct prompts
+    python -m bench.kv_slots_bench --export /tmp/exp/base --variant q4f16 --slots 8 --steps 64 --prefill-dequantized \
+      --json "$OUT/kv_slots9.json" 2>&1 | grep -vE "Warn|warn" | tail -7
+    python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
+      --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 --serve-sets ${SERVE_SETS:-default prefill_dequantized=true} \
+      --prompts same distinct --json "$OUT/serve9.json" 2>&1 | grep -vE "Warn|warn" | tail -9
     ;;
   serve-soak)
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \

@@ -17,7 +17,8 @@ graph and non-graph slot runtimes disagree, the device's ArgMax disagrees with t
 on. Decode rates read each step's greedy tokens as the server does, and once more with the logits copied to the host
 (`_logits_to_host`, the step before the decoder had its ArgMax). Slot runtimes also time a prompt-cache reuse of
 one prompt (its KV copied into a slot) against that prompt's prefill, and check that the reused prompt decodes the
-tokens it decodes alone (exit status 1 if not).
+tokens it decodes alone (exit status 1 if not). --prefill-dequantized adds the graph runtime with prefills through
+the dequantized decoder (serve.prefill_dequantized): its prefill times, and its tokens against the others'.
 
 Batched prefill (slot runtimes): A and B prefilled in one call (right-padded, serve.batch_prefill) against each
 prefilled alone: the first logits' largest difference (fp16 rounding is ~1e-2; a wrong position or mask is of the
@@ -193,6 +194,8 @@ def main() -> int:
     parser.add_argument("--variant", default="q4f16")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--steps", type=int, default=64, help="greedy tokens per check and decode steps per rate")
+    parser.add_argument("--prefill-dequantized", action="store_true",
+                        help="also the graph runtime with serve.prefill_dequantized (its prefill times and tokens)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -203,11 +206,15 @@ def main() -> int:
 
     preload_cuda_libraries()
     folder = args.export or tiny_export(Path(tempfile.mkdtemp(prefix="kv-slots-")))
-    serve = lambda graph: load_config("tiny", overrides={  # noqa: E731
-        "serve.max_batch_size": args.slots, "serve.cuda_graph": graph}, env={}, dotenv=None).serve
+    serve = lambda graph, dequantized=False: load_config("tiny", overrides={  # noqa: E731
+        "serve.max_batch_size": args.slots, "serve.cuda_graph": graph, "serve.prefill_dequantized": dequantized},
+        env={}, dotenv=None).serve
     runtimes = {"published": OnnxVLM(folder, args.variant, providers=CUDA)}
-    for name, graph in (("slots", False), ("slots+graph", True)):
-        runtimes[name] = load_runtime(folder, args.variant, serve(graph), CUDA)
+    kinds = [("slots", False, False), ("slots+graph", True, False)]
+    if args.prefill_dequantized:
+        kinds.append(("slots+graph, dequantized prefill", True, True))
+    for name, graph, dequantized in kinds:
+        runtimes[name] = load_runtime(folder, args.variant, serve(graph, dequantized), CUDA)
         assert isinstance(runtimes[name], SlotVLM), f"{name}: the decoder did not derive (see the log line)"
     a, b = prompts(folder, runtimes["published"].pixel_dtype)
     reference = {"a": alone(runtimes["published"], a, args.steps), "b": alone(runtimes["published"], b, args.steps // 2)}
@@ -237,8 +244,9 @@ def main() -> int:
             results[-1]["prefill_ms_1_row"] = prefill_ms(model, a, 1)
             results[-1]["prompt_cache"] = prompt_reuse(model, a, args.steps // 2)
         print(json.dumps(results[-1]), flush=True)
+    graph = next(r for r in results if r["runtime"] == "slots+graph")
     graph_ok = runtimes["slots+graph"].cuda_graph and runs["slots+graph"] == runs["slots"] \
-        and results[-1]["greedy_vs_host_argmax_mismatches"] == 0 and results[-1]["prompt_cache"]["tokens_equal_alone"]
+        and graph["greedy_vs_host_argmax_mismatches"] == 0 and graph["prompt_cache"]["tokens_equal_alone"]
     print(f"CUDA graph {'on' if runtimes['slots+graph'].cuda_graph else 'OFF'}; graph tokens "
           f"{'equal' if runs['slots+graph'] == runs['slots'] else 'DIFFER FROM'} the slot decoder without the graph")
     if args.json:
