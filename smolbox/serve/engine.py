@@ -252,7 +252,10 @@ class Engine:
             step = model.prefill(inputs["input_ids"], inputs["attention_mask"], image_features=features)
             if cache is not None:
                 self.metrics.prompt_cache_misses.inc(len(misses))
-                model.remember([prompt_key(r) for r in misses], step)
+                try:
+                    model.remember([prompt_key(r) for r in misses], step)
+                except Exception:  # noqa: BLE001 - the cache only saves time: these requests go on without it
+                    log.exception("serve: keeping prompts in the prompt cache failed")
                 self.metrics.prompt_cache_bytes.set(cache.bytes)
             clock.lap("prefill")
         except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on

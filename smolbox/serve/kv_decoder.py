@@ -56,7 +56,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import IR_VERSION, ONNX_FLOAT, OPSET, ORT_TO_NUMPY, PAST, PRESENT, graph_path
-from ..runtime import CUDA_OPTIONS, OnnxVLM, with_cuda_options, bind_input, default_providers, dims
+from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims, with_cuda_options
 from .scheduler import LRUCache
 
 log = logging.getLogger("smolbox.serve")
