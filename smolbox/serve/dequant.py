@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MS = "com.microsoft"
+from .derive import MS
 
 
 @dataclass
