@@ -200,7 +200,7 @@ class ServeConfig(_Section):
         65536, gt=0, description="KV cache capacity: prompt + max_tokens summed over the requests in flight; a request "
                                  "that would exceed it waits in the queue, one that exceeds it alone gets 400")
     image_cache_mb: float = Field(
-        256.0, ge=0, description="Vision features of recent images (LRU, keyed by a hash of the preprocessed pixels) "
+        256.0, ge=0, description="Vision features of recent images (LRU, keyed by a hash of the decoded pixels) "
                                  "that a repeated image reuses instead of running the vision encoder; 0 = off")
     tile_cache_mb: float = Field(
         128.0, ge=0, description="Tiles of recent images (LRU, keyed by a hash of the decoded pixels), in each process "

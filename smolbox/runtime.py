@@ -62,8 +62,6 @@ class Step:
 class OnnxVLM:
     def __init__(self, folder: str | Path, variant: str = "fp32", providers: list[str] | None = None,
                  session_config: dict[str, str] | None = None):
-        import onnxruntime as ort
-
         self.folder = Path(folder)
         self.variant = variant
         config = json.loads((self.folder / "config.json").read_text())
@@ -76,10 +74,7 @@ class OnnxVLM:
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_token_id = generation.get("pad_token_id", text.get("pad_token_id")) or 0
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        for key, value in (session_config or {}).items():  # onnxruntime session config entries, e.g. ep.cuda.*
-            options.add_session_config_entry(key, str(value))
+        options = session_options(session_config)
         self.providers = providers or default_providers()
         self.sessions = {
             g: self._session(g, options, [with_cuda_options(p) for p in self.providers] if g == "decoder_model_merged" else self.providers)
@@ -297,6 +292,17 @@ class OnnxVLM:
         finally:
             self.release(step)
         return np.stack(generated, axis=1)
+
+
+def session_options(session_config: dict[str, str] | None = None):
+    """onnxruntime SessionOptions, quiet, with these session config entries (e.g. ep.cuda.*)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, str(value))
+    return options
 
 
 def dims(value) -> tuple:

@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import IR_VERSION, ONNX_FLOAT, OPSET, ORT_TO_NUMPY, PAST, PRESENT, graph_path
-from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims, with_cuda_options
+from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims, session_options, with_cuda_options
 from .derive import LAST_INDEX, NEXT_TOKEN, Derived, NotDerivable, derive
 from .scheduler import LRUCache
 
@@ -182,10 +182,7 @@ class SlotVLM(OnnxVLM):
         if not dequantized.count:
             log.info("serve: serve.prefill_dequantized: %s has no 4-bit MatMulNBits; prefills use the decoder", self.variant)
             return None, []
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        for key, value in {**self._session_config, EXTERNAL_DATA_FOLDER: str(folder)}.items():
-            options.add_session_config_entry(key, str(value))
+        options = session_options({**self._session_config, EXTERNAL_DATA_FOLDER: str(folder)})
         names = list(dequantized.weights)
         values = [ort.OrtValue.ortvalue_from_numpy(dequantized.weights.pop(name), self.device, 0) for name in names]
         options.add_external_initializers(names, values)
@@ -200,12 +197,11 @@ class SlotVLM(OnnxVLM):
 
     def _bind_slots(self, binding, first: int, count: int) -> None:
         """Slots first .. first+count-1 of every layer's buffer, as past input and as present output (in place)."""
-        device = "cuda" if self.on_cuda else "cpu"
         shape = (count, *self.slot_shape[1:])
         for name in self.cache_names:
             pointer = self._slot_pointer(name, first)
-            binding.bind_input(name, device, 0, self.cache_dtype, shape, pointer)
-            binding.bind_output(name.replace(PAST, PRESENT), device, 0, self.cache_dtype, shape, pointer)
+            binding.bind_input(name, self.device, 0, self.cache_dtype, shape, pointer)
+            binding.bind_output(name.replace(PAST, PRESENT), self.device, 0, self.cache_dtype, shape, pointer)
 
     def _run_decoder(self, embeds, seqlens: np.ndarray, first: int, last: np.ndarray | None = None) -> np.ndarray:
         """One decoder call over slots first .. first+len(seqlens)-1: a decode step (one position, `last` None) or a
