@@ -43,6 +43,11 @@
 #   bash bench/gpu_machine_session.sh serve9       (after export-base) the tile cache and serve.prefill_dequantized: kv_slots_bench
 #                                          with the dequantized-prefill runtime, HTTP default / prefill_dequantized=true,
 #                                          same and distinct prompts
+#   bash bench/gpu_machine_session.sh ttft         (after export-base) where a new image prompt's time to first token goes:
+#                                          kv_slots_bench --profile (GPU kernels of the one-row prefill), with the
+#                                          dequantized prefill and the decoder's attention kernels (serve.attention_kernel)
+#   bash bench/gpu_machine_session.sh vision       (after export-base) experiments/vision_variants.py: the vision encoder's
+#                                          graph and attention-kernel variants
 #   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server under 32 clients x 256 tokens for
 #                                          5 minutes, its GPU memory and RSS read 10 times (first, last, max)
 set -uo pipefail
@@ -220,6 +225,19 @@ case "${1:?stage}" in
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
       --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 --serve-sets ${SERVE_SETS:-default prefill_dequantized=true} \
       --prompts same distinct --json "$OUT/serve9.json" 2>&1 | grep -vE "Warn|warn" | tail -9
+    ;;
+  ttft)  # (after export-base) issue #13: the new-image time to first token, by kernel: kv_slots_bench with --profile,
+         # the dequantized-prefill runtime and the decoder's attention kernels (ATTENTION_KERNELS), 32 slots
+    python -m bench.kv_slots_bench --export /tmp/exp/base --variant q4f16 --slots "${SLOTS:-32}" --steps 64 --prefill-dequantized \
+      --profile --attention-kernels ${ATTENTION_KERNELS:-0 1 8} --json "$OUT/kv_slots_ttft.json" 2>&1 | grep -vE "Warn|warn" \
+      | python3 -c 'import json,sys
+for line in sys.stdin:
+    if not line.startswith("{"): print(line, end=""); continue
+    r = json.loads(line); print({k: v for k, v in r.items() if k not in ("kernels", "batched_prefill")})'
+    ;;
+  vision)  # (after export-base) the vision encoder's graph and attention-kernel variants (experiments/vision_variants.py)
+    python -m experiments.vision_variants --export /tmp/exp/base --variants ${VISION_VARIANTS:-q4f16} \
+      --json "$OUT/vision_variants.json" 2>&1 | grep -vE "Warn|warn" | tail -45
     ;;
   serve-soak)
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \

@@ -19,6 +19,8 @@ on. Decode rates read each step's greedy tokens as the server does, and once mor
 one prompt (its KV copied into a slot) against that prompt's prefill, and check that the reused prompt decodes the
 tokens it decodes alone (exit status 1 if not). --prefill-dequantized adds the graph runtime with prefills through
 the dequantized decoder (serve.prefill_dequantized): its prefill times, and its tokens against the others'.
+--profile records the GPU kernels (bench.serve_bench.kernel_profile) of the CUDA-graph runtimes' one-row prefill of
+the image prompt and of their batch-1 decode steps.
 
 Batched prefill (slot runtimes): A and B prefilled in one call (right-padded, serve.batch_prefill) against each
 prefilled alone: the first logits' largest difference (fp16 rounding is ~1e-2; a wrong position or mask is of the
@@ -164,6 +166,21 @@ def decode_rate(model, p: dict, rows: int, steps: int, logits: bool = False) -> 
     return round(rate, 1)
 
 
+def prefill_ms_new_lengths(model, p: dict, extra: int = 3) -> list[float]:
+    """ms of one-row prefills of prompt `p` with 1 .. `extra` more tokens, each length new to the runtime: what a
+    server sees with prompts of every length (an attention kernel that plans per shape pays here, not in
+    prefill_ms, which repeats one length)."""
+    times = []
+    for n in range(1, extra + 1):
+        ids = np.concatenate([p["input_ids"], np.repeat(p["input_ids"][:, -2:-1], n, axis=1)], axis=1)
+        mask = np.ones_like(ids)
+        started = time.perf_counter()
+        step = model.prefill(ids, mask, p["pixel_values"], p["pixel_attention_mask"])
+        times.append(round((time.perf_counter() - started) * 1000, 2))
+        model.release(step)
+    return times
+
+
 def prompt_reuse(model, p: dict, steps: int, repeats: int = 5) -> dict:
     """Prompt `p` kept in the prompt cache, then taken into a slot from there (its KV copied in) while another copy
     of it decodes in slot 0: the greedy tokens it then decodes against those of `p` alone (equal, or reuse is
@@ -196,6 +213,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=64, help="greedy tokens per check and decode steps per rate")
     parser.add_argument("--prefill-dequantized", action="store_true",
                         help="also the graph runtime with serve.prefill_dequantized (its prefill times and tokens)")
+    parser.add_argument("--attention-kernels", nargs="*", type=int, default=[],
+                        help="also the CUDA-graph runtime with these serve.attention_kernel values (0 = onnxruntime's choice)")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU kernels of a one-row prefill (new image) and of batch-1 decode steps, CUDA-graph runtimes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -206,15 +227,21 @@ def main() -> int:
 
     preload_cuda_libraries()
     folder = args.export or tiny_export(Path(tempfile.mkdtemp(prefix="kv-slots-")))
-    serve = lambda graph, dequantized=False: load_config("tiny", overrides={  # noqa: E731
-        "serve.max_batch_size": args.slots, "serve.cuda_graph": graph, "serve.prefill_dequantized": dequantized},
-        env={}, dotenv=None).serve
+    defaults = load_config("tiny", env={}, dotenv=None).serve
+    serve = lambda graph, dequantized=False, kernel=defaults.attention_kernel: load_config("tiny", overrides={  # noqa: E731
+        "serve.max_batch_size": args.slots, "serve.cuda_graph": graph, "serve.prefill_dequantized": dequantized,
+        "serve.attention_kernel": kernel}, env={}, dotenv=None).serve
     runtimes = {"published": OnnxVLM(folder, args.variant, providers=CUDA)}
     kinds = [("slots", False, False), ("slots+graph", True, False)]
     if args.prefill_dequantized:
         kinds.append(("slots+graph, dequantized prefill", True, True))
-    for name, graph, dequantized in kinds:
-        runtimes[name] = load_runtime(folder, args.variant, serve(graph, dequantized), CUDA)
+    kinds += [(f"slots+graph, attention_kernel={k}", True, False, k) for k in args.attention_kernels if k != defaults.attention_kernel]
+    for name, *how in kinds:
+        try:
+            runtimes[name] = load_runtime(folder, args.variant, serve(*how), CUDA)
+        except Exception as exc:  # noqa: BLE001 - a kernel choice the decoder cannot load with is a finding
+            print(json.dumps({"runtime": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}), flush=True)
+            continue
         assert isinstance(runtimes[name], SlotVLM), f"{name}: the decoder did not derive (see the log line)"
     a, b = prompts(folder, runtimes["published"].pixel_dtype)
     reference = {"a": alone(runtimes["published"], a, args.steps), "b": alone(runtimes["published"], b, args.steps // 2)}
@@ -242,7 +269,13 @@ def main() -> int:
             results[-1][f"prefill_ms_{args.slots}_rows_call_per_row"] = prefill_ms(model, a, args.slots)
             model.batch_prefill = True
             results[-1]["prefill_ms_1_row"] = prefill_ms(model, a, 1)
+            results[-1]["prefill_ms_new_lengths"] = prefill_ms_new_lengths(model, a)
             results[-1]["prompt_cache"] = prompt_reuse(model, a, args.steps // 2)
+        if args.profile and getattr(model, "cuda_graph", False):
+            from bench.serve_bench import kernel_profile
+
+            results[-1]["kernels"] = kernel_profile(model, (a["input_ids"], a["attention_mask"], a["pixel_values"],
+                                                            a["pixel_attention_mask"]), name)
         print(json.dumps(results[-1]), flush=True)
     graph = next(r for r in results if r["runtime"] == "slots+graph")
     graph_ok = runtimes["slots+graph"].cuda_graph and runs["slots+graph"] == runs["slots"] \

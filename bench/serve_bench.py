@@ -105,15 +105,11 @@ def ort_engine(folder: Path, variant: str, new_tokens: int, repeats: int, batch:
 
 
 def kernel_profile(model, args: tuple, label: str, decode_steps: int = 16, top: int = 12) -> dict:
-    """GPU kernels under one prefill (vision encoder included) and under `decode_steps` batch-1 decode steps,
-    recorded by torch.profiler (CUPTI sees every kernel of the process, onnxruntime's too): wall time against
-    time the GPU spent in kernels and copies says whether a phase is launch-bound, the top kernels say where
-    the GPU time goes."""
-    import tempfile
-
+    """GPU kernels under one prefill (vision encoder included) and under `decode_steps` batch-1 decode steps
+    (gpu_kernels): wall time against time the GPU spent in kernels and copies says whether a phase is launch-bound,
+    the top kernels say where the GPU time goes."""
     import numpy as np
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device for the profiler"}
@@ -121,38 +117,55 @@ def kernel_profile(model, args: tuple, label: str, decode_steps: int = 16, top: 
     tokens = step.logits.argmax(-1).astype(np.int64)
     for _ in range(3):
         step = model.decode(step, tokens)
-    phases = {}
-    for phase in ("prefill", "decode"):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            started = time.perf_counter()
-            if phase == "prefill":
-                model.prefill(*args)
-            else:
-                for _ in range(decode_steps):
-                    step = model.decode(step, tokens)
-            wall = time.perf_counter() - started
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            prof.export_chrome_trace(f.name)
-            trace = json.loads(Path(f.name).read_text())
-        events = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-        per = 1 if phase == "prefill" else decode_steps
-        by_name: dict[str, list] = {}
-        for e in events:
-            entry = by_name.setdefault(e["name"][:90], [0, 0.0])
-            entry[0] += 1
-            entry[1] += e.get("dur", 0) / 1000
-        busy = sum(ms for _, ms in by_name.values())
-        rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
-        phases[phase] = {"wall_ms_per_call": round(wall * 1000 / per, 3), "gpu_ms_per_call": round(busy / per, 3),
-                         "kernels_per_call": round(sum(n for n, _ in by_name.values()) / per, 1),
-                         "top": [{"name": name, "count_per_call": round(n / per, 1), "ms_per_call": round(ms / per, 4)}
-                                 for name, (n, ms) in rows[:top]]}
-        p = phases[phase]
-        print(f"{label} {phase}: wall {p['wall_ms_per_call']} ms/call, GPU busy {p['gpu_ms_per_call']} ms/call, "
-              f"{p['kernels_per_call']} kernels/call", flush=True)
-        for row in p["top"]:
-            print(f"    {row['ms_per_call']:>9.4f} ms {row['count_per_call']:>6} x  {row['name']}", flush=True)
+    state = {"step": step}
+
+    def decode():
+        for _ in range(decode_steps):
+            state["step"] = model.decode(state["step"], tokens)
+
+    phases = {"prefill": gpu_kernels(lambda: model.prefill(*args), 1, f"{label} prefill", top),
+              "decode": gpu_kernels(decode, decode_steps, f"{label} decode", top)}
+    release = getattr(model, "release", None)
+    if release:
+        release(state["step"])
     return phases
+
+
+def gpu_kernels(fn, calls: int, label: str, top: int = 12) -> dict:
+    """The GPU kernels and copies of one call of `fn` (which makes `calls` calls of the thing measured), recorded by
+    torch.profiler: CUPTI sees every kernel of the process, onnxruntime's too. Per call: wall ms, GPU busy ms (the
+    kernels' and copies' durations summed), kernel count and the `top` kernels by time."""
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device for the profiler"}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - started
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())
+    events = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    by_name: dict[str, list] = {}
+    for e in events:
+        entry = by_name.setdefault(e["name"][:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.get("dur", 0) / 1000
+    busy = sum(ms for _, ms in by_name.values())
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    out = {"wall_ms_per_call": round(wall * 1000 / calls, 3), "gpu_ms_per_call": round(busy / calls, 3),
+           "kernels_per_call": round(sum(n for n, _ in by_name.values()) / calls, 1),
+           "top": [{"name": name, "count_per_call": round(n / calls, 1), "ms_per_call": round(ms / calls, 4)}
+                   for name, (n, ms) in rows[:top]]}
+    print(f"{label}: wall {out['wall_ms_per_call']} ms/call, GPU busy {out['gpu_ms_per_call']} ms/call, "
+          f"{out['kernels_per_call']} kernels/call", flush=True)
+    for row in out["top"]:
+        print(f"    {row['ms_per_call']:>9.4f} ms {row['count_per_call']:>6} x  {row['name']}", flush=True)
+    return out
 
 
 def profile_vision(folder: Path, variant: str, top: int = 15) -> dict:

@@ -180,6 +180,7 @@ class ServeConfig(_Section):
     kv_slots: bool = Field(True, description="Decode with the server's derived GroupQueryAttention decoder: one fixed KV buffer per layer, a slot per row (max_batch_size slots), no cache copies when rows join or leave; false, or a decoder that cannot be derived (traced), = the published decoder as it is")
     kv_capacity_tokens: int | None = Field(None, gt=1, description="Tokens one KV slot holds (prompt + answer); null = max_prompt_tokens + max_tokens_limit. Memory: slots x capacity x layers x 2 x hidden x bytes per value")
     cuda_graph: bool = Field(True, description="With kv_slots on the CUDA provider, replay the decode step as a CUDA graph, one per batch bucket (powers of two up to the slot count; a step runs the smallest that holds its highest slot), all captured at load; ignored on the CPU")
+    attention_kernel: int = Field(2, ge=0, description="With kv_slots on the CUDA provider, the attention kernels onnxruntime may use in the decoder (its sdpa_kernel bits: 1 flash, 2 memory-efficient, 8 cuDNN; 0 = onnxruntime's own choice)")
     batch_prefill: bool = Field(True, description="With kv_slots, newcomers whose KV slots are consecutive prefill in one decoder call, right-padded to the longest; false = one decoder call per newcomer")
     ort_session_config: dict[str, str] = Field(
         default_factory=dict, description="Extra onnxruntime session config entries for every graph (ep.cuda.* ones are ignored on the CPU)")

@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import IR_VERSION, ONNX_FLOAT, OPSET, ORT_TO_NUMPY, PAST, PRESENT, graph_path
-from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims, session_options, with_cuda_options
+from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims, session_options
 from .derive import LAST_INDEX, NEXT_TOKEN, Derived, NotDerivable, derive
 from .scheduler import LRUCache
 
@@ -108,8 +108,9 @@ class SlotVLM(OnnxVLM):
 
     def __init__(self, folder, variant: str, derived: Derived, slots: int, capacity: int, providers=None,
                  session_config: dict[str, str] | None = None, cuda_graph: bool = True, batch_prefill: bool = True,
-                 prompt_cache_bytes: int = 0, prefill_dequantized: bool = False):
+                 prompt_cache_bytes: int = 0, prefill_dequantized: bool = False, attention_kernel: int = 2):
         self.derived, self.slots, self.batch_prefill = derived, slots, batch_prefill
+        self.attention_kernel = attention_kernel  # serve.attention_kernel: onnxruntime's sdpa_kernel, 0 = its choice
         self._session_config = session_config or {}
         self.prompt_cache = LRUCache(prompt_cache_bytes)  # prompt_key -> CachedPrompt (remember, reuse)
         self._keep_session = None
@@ -158,10 +159,9 @@ class SlotVLM(OnnxVLM):
 
         options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(graph_path(self.folder, graph, self.variant).parent))
         data = self.derived.model.SerializeToString()
-        cuda = [p for p in providers if (p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider"]
-        if cuda and self.want_cuda_graph:
-            cuda_options = {**CUDA_OPTIONS, **(cuda[0][1] if isinstance(cuda[0], tuple) else {}), "enable_cuda_graph": "1"}
-            graphed = [("CUDAExecutionProvider", cuda_options) if p in cuda else p for p in providers]
+        providers = self._decoder_providers(providers)
+        if self.want_cuda_graph and any(isinstance(p, tuple) and p[0] == "CUDAExecutionProvider" for p in providers):
+            graphed = self._decoder_providers(providers, enable_cuda_graph="1")
             try:
                 session = ort.InferenceSession(data, options, providers=graphed)
                 self.cuda_graph = session.get_providers()[0] == "CUDAExecutionProvider"
@@ -169,6 +169,23 @@ class SlotVLM(OnnxVLM):
             except Exception as exc:  # noqa: BLE001 - e.g. a node without a CUDA kernel: no graph, same results
                 log.warning("serve: CUDA graph for the decode step unavailable (%s); decoding without", exc)
         return ort.InferenceSession(data, options, providers=providers)
+
+    def _decoder_providers(self, providers, **extra) -> list:
+        """`providers` with the derived decoder's CUDA options: the server's (runtime.CUDA_OPTIONS), the caller's,
+        serve.attention_kernel as sdpa_kernel (none at 0: onnxruntime chooses), then `extra`."""
+        out = []
+        for p in providers:
+            name, options = (p if isinstance(p, tuple) else (p, {}))
+            if name != "CUDAExecutionProvider":
+                out.append(p)
+                continue
+            options = {**CUDA_OPTIONS, **options, **extra}
+            if self.attention_kernel:
+                options["sdpa_kernel"] = str(self.attention_kernel)
+            else:
+                options.pop("sdpa_kernel", None)
+            out.append((name, options))
+        return out
 
     def _dequantized_prefill_session(self):
         """(session, its weights as OrtValues, which must outlive it) of the derived decoder with its MatMulNBits
@@ -186,8 +203,7 @@ class SlotVLM(OnnxVLM):
         names = list(dequantized.weights)
         values = [ort.OrtValue.ortvalue_from_numpy(dequantized.weights.pop(name), self.device, 0) for name in names]
         options.add_external_initializers(names, values)
-        providers = [with_cuda_options(p) for p in self.providers]
-        session = ort.InferenceSession(dequantized.model.SerializeToString(), options, providers=providers)
+        session = ort.InferenceSession(dequantized.model.SerializeToString(), options, providers=self._decoder_providers(self.providers))
         log.info("serve: prefills through a decoder with %d MatMulNBits dequantized (%.2f GiB of %s weights)", dequantized.count,
                  sum(v.shape()[0] * v.shape()[1] for v in values) * np.dtype(self.cache_dtype).itemsize / 2**30,
                  np.dtype(self.cache_dtype).name)
@@ -242,17 +258,23 @@ class SlotVLM(OnnxVLM):
         if int(lengths.max()) >= self.capacity:
             raise ValueError(f"a prompt of {int(lengths.max())} tokens leaves no room in a KV slot of {self.capacity}")
         embeds = self.embed(np.asarray(input_ids), pixel_values, pixel_attention_mask, image_features)
-        if not isinstance(embeds, np.ndarray):
-            embeds = embeds.numpy()  # rows are cut on the host; onnxruntime copies each back for its prefill
         taken = self._take(rows)
         self.free.difference_update(taken)
+        calls = self._prefill_calls(taken, lengths)
+        # One call of unpadded rows (a lone newcomer, as for a time to first token alone) takes the embeddings as
+        # they are, on the device; otherwise rows are cut on the host and onnxruntime copies each call's back.
+        whole = calls == [(0, rows)] and bool(attention_mask.all())
+        if not whole and not isinstance(embeds, np.ndarray):
+            embeds = embeds.numpy()
         logits = []
         try:
-            for start, stop in self._prefill_calls(taken, lengths):
+            for start, stop in calls:
                 count, longest = stop - start, int(lengths[start:stop].max())
-                run = np.zeros((count, longest, embeds.shape[-1]), embeds.dtype)
-                for i, row in enumerate(range(start, stop)):
-                    run[i, :lengths[row]] = embeds[row, attention_mask[row]]
+                run = embeds
+                if not whole:
+                    run = np.zeros((count, longest, embeds.shape[-1]), embeds.dtype)
+                    for i, row in enumerate(range(start, stop)):
+                        run[i, :lengths[row]] = embeds[row, attention_mask[row]]
                 last = (lengths[start:stop] - 1).astype(np.int32)
                 logits.append(self._run_decoder(run, last, taken[start], last))
                 self.lengths[taken[start:stop]] = lengths[start:stop]
@@ -570,7 +592,8 @@ def load_runtime(folder: Path, variant: str, serve, providers=None) -> OnnxVLM:
             capacity = serve.kv_capacity_tokens or serve.max_prompt_tokens + serve.max_tokens_limit
             model = SlotVLM(folder, variant, derived, serve.max_batch_size, capacity, providers,
                             serve.ort_session_config, cuda_graph=serve.cuda_graph, batch_prefill=serve.batch_prefill,
-                            prompt_cache_bytes=int(serve.prompt_cache_mb * 2**20), prefill_dequantized=serve.prefill_dequantized)
+                            prompt_cache_bytes=int(serve.prompt_cache_mb * 2**20), prefill_dequantized=serve.prefill_dequantized,
+                            attention_kernel=serve.attention_kernel)
             log.info("serve: decoder with %d KV slots of %d tokens (GroupQueryAttention, %.2f GiB of cache)%s", model.slots,
                      model.capacity, model.slot_bytes * model.slots * len(model.cache_names) / 2**30,
                      ", decode step as a CUDA graph" if model.cuda_graph else "")
