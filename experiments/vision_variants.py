@@ -7,8 +7,9 @@ Graphs, each made from the export's own vision_encoder file by rewriting a few n
 - as exported: SkipLayerNorm -> MatMul q|k|v -> Split -> MultiHeadAttention (bias, additive mask) -> ...
 - q|k|v apart: three MatMuls (or MatMulNBits: the 4-bit weights are quantized per output column, so the packed
   weight and its scales split by rows) instead of one and a Split (the Split copies [tiles x 729, 3 x 1152] a layer);
-- no attention bias: MultiHeadAttention without the additive mask (right only when every patch is real, as in the
-  13 full tiles of this image), which lets onnxruntime pick kernels that take no bias;
+- no attention bias: MultiHeadAttention without the additive mask (smolbox.serve.derive.vision_without_mask; right
+  only when every patch is real, as in the 13 full tiles of this image), which lets onnxruntime pick kernels that
+  take no bias;
 - both.
 Sessions: the CUDA provider as the server makes it for the vision encoder, and with each `sdpa_kernel` choice
 (onnxruntime's attention backends: 1 flash, 2 memory-efficient, 8 cuDNN flash, 16 unfused). Per row: median ms of a
@@ -80,29 +81,6 @@ def qkv_apart(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def without_attention_bias(model: onnx.ModelProto) -> onnx.ModelProto:
-    """MultiHeadAttention's attention_bias input removed, and the nodes that only fed it."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for n in model.graph.node:
-        if n.op_type == "MultiHeadAttention" and len(n.input) > 5:
-            del n.input[5:]
-    _prune(model.graph)
-    return model
-
-
-def _prune(graph: onnx.GraphProto) -> None:
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = outputs | {i for n in graph.node for i in n.input}
-        keep = [n for n in graph.node if any(o in used for o in n.output if o)]
-        if len(keep) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input}
-    _replace_initializers(graph, {t.name for t in graph.initializer if t.name not in used}, [])
-
-
 def _replace_initializers(graph: onnx.GraphProto, dropped: set[str], added: list) -> None:
     still = {i for n in graph.node for i in n.input}
     kept = [t for t in graph.initializer if t.name not in dropped or t.name in still]
@@ -126,6 +104,7 @@ def main() -> None:
     from smolbox.onnx_layout import graph_path
     from smolbox.preprocess import Preprocessor
     from smolbox.runtime import default_providers, session_options
+    from smolbox.serve.derive import vision_without_mask
     from smolbox.serve.engine import preload_cuda_libraries
 
     preload_cuda_libraries()
@@ -140,8 +119,9 @@ def main() -> None:
                 print(f"{variant}: not in {args.export}", flush=True)
                 continue
             source = onnx.load(str(graph_path(args.export, "vision_encoder", variant)))
-            graphs = {"as exported": source, "q|k|v apart": qkv_apart(source), "no attention bias": without_attention_bias(source)}
-            graphs["apart, no bias"] = without_attention_bias(graphs["q|k|v apart"])
+            graphs = {"as exported": source, "q|k|v apart": qkv_apart(source), "no attention bias": vision_without_mask(source)}
+            graphs["apart, no bias"] = vision_without_mask(graphs["q|k|v apart"])
+            graphs = {kind: proto for kind, proto in graphs.items() if proto is not None}
             reference = None
             for kind, proto in graphs.items():
                 path = Path(tmp) / f"{variant}_{len(rows)}.onnx"

@@ -116,7 +116,12 @@ class OnnxVLM:
         """The vision encoder's features [tiles, tokens, hidden] (a host array) of pixel tiles [B, N, 3, H, W]; tiles
         that are all zeros (padding) are dropped, as in embed(). A serving engine encodes the tiles of several
         requests in one call and passes each prompt its own rows as `image_features`."""
-        return self._run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})[0]
+        return self._run(self.vision_graph(pixel_attention_mask), {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})[0]
+
+    def vision_graph(self, pixel_attention_mask: np.ndarray) -> str:
+        """The session that encodes tiles with this pixel mask: the export's vision encoder (smolbox.serve's runtime
+        keeps a faster one for tiles without padding)."""
+        return "vision_encoder"
 
     def embed(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None, image_features=None):
         """Token embeddings with the image features in place of the <image> tokens: a host array, or with bind_io
@@ -131,7 +136,8 @@ class OnnxVLM:
             if image_features is not None:
                 features, shape = image_features, image_features.shape
             else:
-                features = self._bound_run("vision_encoder", {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})
+                features = self._bound_run(self.vision_graph(pixel_attention_mask),
+                                           {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask.astype(bool)})
                 shape = features.shape()
             self._check_image_count(shape[0] * shape[1], image_positions)
             # Row of the flattened features each position takes (0 for text positions, which keep their embedding).

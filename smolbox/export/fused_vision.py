@@ -2,12 +2,15 @@
 
 torch.onnx traces each SigLIP layer into dozens of small nodes (LayerNorm pieces, per-head reshapes and
 transposes, the attention maths, mask broadcasting, gelu as tanh arithmetic); on a GPU each is a kernel launch.
-This module writes the same function with onnxruntime's fused operators, 9 nodes per layer (the measured
+This module writes the same function with onnxruntime's fused operators, 10 nodes per layer (the measured
 difference: docs/benchmarks.md):
 
-    SkipLayerNormalization (residual add + LayerNorm)  ->  MatMul q|k|v  ->  Split  ->
+    SkipLayerNormalization (residual add + LayerNorm)  ->  MatMul q, MatMul k, MatMul v  ->
     MultiHeadAttention (q|k|v biases, additive mask)  ->  MatMul out_proj  ->
     SkipLayerNormalization (+ out_proj bias)  ->  MatMul fc1  ->  FastGelu (+ fc1 bias)  ->  MatMul fc2
+
+(q, k and v are three products rather than one and a Split: the Split copied [tiles x patches, 3 x hidden] a
+layer, ~1 ms of 32 for a 13-tile image on the H200: docs/benchmarks.md, 2026-12-01 lease 9.)
 
 (fc2's bias joins the next layer's SkipLayerNormalization). Interface and function are those of the traced
 `smolbox.export.traced.VisionEncoder`: pixel_values [batch, images, 3, H, W] and pixel_attention_mask [batch,
@@ -70,7 +73,6 @@ class _VisionEncoder:
         patches, patch_mask, patch_real = self.patches(pixels, mask)
         positions = self.position_embeddings(patch_mask, patch_real)
         self.bias = self.attention_bias(patches, patch_real)
-        self.split_qkv = g.ints("split.qkv", [self.hidden] * 3)
         # (name, values) of the bias that the next SkipLayerNormalization adds to the residual stream
         embed = self.vision.embeddings
         residual, residual_bias = patches, ("embeddings.patch_embedding.bias", to_numpy(embed.patch_embedding.bias))
@@ -170,12 +172,11 @@ class _VisionEncoder:
         return g.op("Expand", [key_bias, bias_shape], "mask.bias")
 
     def attention(self, p: str, attn, normed: str) -> str:
-        """q|k|v in one MatMul, MultiHeadAttention with the q|k|v biases and the shared mask, the output projection."""
+        """q, k and v MatMuls, MultiHeadAttention with the q|k|v biases and the shared mask, the output projection."""
         g = self.g
-        qkv_weight = np.concatenate([to_numpy(attn.q_proj.weight).T, to_numpy(attn.k_proj.weight).T, to_numpy(attn.v_proj.weight).T], axis=1)
+        q, k, v = (g.node("MatMul", [normed, g.weight(f"{p}.{x}_proj.weight", to_numpy(getattr(attn, f"{x}_proj").weight).T)],
+                          f"{p}.{x}", f"{p}.{x}_proj") for x in "qkv")
         qkv_bias = np.concatenate([to_numpy(attn.q_proj.bias), to_numpy(attn.k_proj.bias), to_numpy(attn.v_proj.bias)])
-        qkv = g.node("MatMul", [normed, g.weight(f"{p}.qkv_proj.weight", qkv_weight)], f"{p}.qkv", f"{p}.qkv_proj")
-        q, k, v = g.node("Split", [qkv, self.split_qkv], [f"{p}.q", f"{p}.k", f"{p}.v"], f"{p}.split_qkv", axis=-1)
         context = g.node("MultiHeadAttention", [q, k, v, g.weight(f"{p}.qkv_proj.bias", qkv_bias), "", self.bias], f"{p}.context",
                          f"{p}.attention", domain="com.microsoft", num_heads=self.heads, scale=float(attn.scale))
         return g.node("MatMul", [context, g.weight(f"{p}.out_proj.weight", to_numpy(attn.out_proj.weight).T)], f"{p}.attn_out", f"{p}.out_proj")

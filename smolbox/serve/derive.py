@@ -26,6 +26,12 @@ The derived graph also returns each row's argmax (`next_token`, an ArgMax after 
 rows copies [rows] token ids to the host, not [rows, vocabulary] float32 logits to be argmaxed there; a step's logits
 are copied only when read (a sampling row), before that bucket's next step overwrites its buffer (SlotStep).
 
+The vision encoder gets a second form (`vision_without_mask`): the same graph with MultiHeadAttention's additive
+mask left out, which the server runs for tiles with no padding (every patch real: the split tiles and the squared
+global image SmolVLM makes of a large image), where that mask is all zeros anyway. Without a mask onnxruntime's
+attention needs no [tiles, 1, patches, patches] bias and picks faster kernels: 13 tiles take 27 ms instead of 32 on
+the H200 (docs/benchmarks.md, 2026-12-01 lease 9). Tiles with padding keep the export's graph.
+
 No torch here: the serving image runs this module.
 """
 
@@ -182,3 +188,29 @@ def _live(nodes: list, outputs: set[str]) -> list:
         if len(live) == len(nodes):
             return nodes
         nodes = live
+
+
+def vision_without_mask(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of the vision encoder `model` whose MultiHeadAttention nodes take no attention bias, without the nodes
+    that only made it; None when no MultiHeadAttention takes one (nothing to gain)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph, changed = model.graph, False
+    for node in graph.node:
+        if node.op_type == "MultiHeadAttention" and node.domain == MS and len(node.input) > 5 and node.input[5]:
+            del node.input[5:]
+            changed = True
+    if not changed:
+        return None
+    outputs = {o.name for o in graph.output}
+    while True:  # drop what no longer feeds anything
+        used = outputs | {name for n in graph.node for name in n.input}
+        kept = [n for n in graph.node if any(o in used for o in n.output if o)]
+        if len(kept) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(kept)
+    used = {name for n in graph.node for name in n.input}
+    initializers = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return model

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import IR_VERSION, ONNX_FLOAT, OPSET, ORT_TO_NUMPY, PAST, PRESENT, graph_path
 from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims, session_options
-from .derive import LAST_INDEX, NEXT_TOKEN, Derived, NotDerivable, derive
+from .derive import LAST_INDEX, NEXT_TOKEN, Derived, NotDerivable, derive, vision_without_mask
 from .scheduler import LRUCache
 
 log = logging.getLogger("smolbox.serve")
@@ -46,6 +46,7 @@ EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"  #
 # Runs of each graph id at load: onnxruntime's CUDA provider wants regular runs of an id before it captures it (1 or 2,
 # by version: memory is allocated first), and its session may itself repeat a run until captured; later runs replay.
 GRAPH_CAPTURE_RUNS = 3
+UNMASKED_VISION = "vision_encoder.unmasked"  # SlotVLM's session of derive.vision_without_mask's graph
 PREFILL_SCRATCH_BYTES = 2**30  # CPU: attention scores one batched prefill call may hold (SlotVLM._prefill_calls)
 
 
@@ -108,9 +109,12 @@ class SlotVLM(OnnxVLM):
 
     def __init__(self, folder, variant: str, derived: Derived, slots: int, capacity: int, providers=None,
                  session_config: dict[str, str] | None = None, cuda_graph: bool = True, batch_prefill: bool = True,
-                 prompt_cache_bytes: int = 0, prefill_dequantized: bool = False, attention_kernel: int = 2):
+                 prompt_cache_bytes: int = 0, prefill_dequantized: bool = False, attention_kernel: int = 1):
         self.derived, self.slots, self.batch_prefill = derived, slots, batch_prefill
-        self.attention_kernel = attention_kernel  # serve.attention_kernel: onnxruntime's sdpa_kernel, 0 = its choice
+        # serve.attention_kernel: onnxruntime's sdpa_kernel for the decoder (0 = its choice). Flash by default: a
+        # 1,102-token prefill 1.6 ms faster than memory-efficient, decode steps the same (its XQA decoding kernel
+        # either way), and no per-length planning as with cuDNN (docs/benchmarks.md, 2026-12-01 lease 9).
+        self.attention_kernel = attention_kernel
         self._session_config = session_config or {}
         self.prompt_cache = LRUCache(prompt_cache_bytes)  # prompt_key -> CachedPrompt (remember, reuse)
         self._keep_session = None
@@ -119,6 +123,9 @@ class SlotVLM(OnnxVLM):
         self.cuda_graph = False
         super().__init__(folder, variant, providers, session_config)
         self.bind_io = self.on_cuda
+        # Tiles without padding go through the vision encoder without its mask (derive.vision_without_mask), a
+        # second session that holds the vision weights again.
+        self.unmasked_vision = self._load_unmasked_vision()
         self.prefill_multiple = 1  # no mask: MultiHeadAttention's kernel choice (runtime.pad_prompt) does not apply
         past = {i.name: i for i in self.sessions["decoder_model_merged"].get_inputs() if i.name.startswith(PAST)}
         self.cache_names = list(past)
@@ -170,6 +177,32 @@ class SlotVLM(OnnxVLM):
                 log.warning("serve: CUDA graph for the decode step unavailable (%s); decoding without", exc)
         return ort.InferenceSession(data, options, providers=providers)
 
+    def _load_unmasked_vision(self) -> bool:
+        """The vision encoder without its attention mask as session UNMASKED_VISION; False when the export's has no
+        mask to leave out."""
+        import onnxruntime as ort
+
+        path = graph_path(self.folder, "vision_encoder", self.variant)
+        model = vision_without_mask(onnx.load(str(path), load_external_data=False))
+        if model is None:
+            return False
+        options = session_options({**self._session_config, EXTERNAL_DATA_FOLDER: str(path.parent)})
+        self.sessions[UNMASKED_VISION] = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+        self.input_types[UNMASKED_VISION] = self.input_types["vision_encoder"]
+        return True
+
+    def vision_graph(self, pixel_attention_mask: np.ndarray) -> str:
+        """UNMASKED_VISION when no tile has padding (every tile's pixel mask all true, tiles that are all padding
+        aside), which makes the export's attention mask all zeros; else the export's vision encoder."""
+        if self.unmasked_vision:
+            mask = np.asarray(pixel_attention_mask, bool)
+            if mask.all():
+                return UNMASKED_VISION
+            tiles = mask.reshape(-1, *mask.shape[-2:])
+            if tiles[tiles.any(axis=(1, 2))].all():
+                return UNMASKED_VISION
+        return "vision_encoder"
+
     def _decoder_providers(self, providers, **extra) -> list:
         """`providers` with the derived decoder's CUDA options: the server's (runtime.CUDA_OPTIONS), the caller's,
         serve.attention_kernel as sdpa_kernel (none at 0: onnxruntime chooses), then `extra`."""
@@ -201,7 +234,9 @@ class SlotVLM(OnnxVLM):
             return None, []
         options = session_options({**self._session_config, EXTERNAL_DATA_FOLDER: str(folder)})
         names = list(dequantized.weights)
-        values = [ort.OrtValue.ortvalue_from_numpy(dequantized.weights.pop(name), self.device, 0) for name in names]
+        # Host arrays: onnxruntime takes external initializers only in buffers the caller owns (an OrtValue it
+        # allocated on the device is refused), and copies them to the decoder's device when the session starts.
+        values = [ort.OrtValue.ortvalue_from_numpy(dequantized.weights.pop(name)) for name in names]
         options.add_external_initializers(names, values)
         session = ort.InferenceSession(dequantized.model.SerializeToString(), options, providers=self._decoder_providers(self.providers))
         log.info("serve: prefills through a decoder with %d MatMulNBits dequantized (%.2f GiB of %s weights)", dequantized.count,

@@ -113,7 +113,8 @@ def test_graph_is_compact(model):
     proto = build_vision_encoder(model)
     layers = model.config.vision_config.num_hidden_layers
     per_layer = [n for n in proto.graph.node if n.name.startswith("layers.")]
-    assert len(per_layer) == 9 * layers  # torch.onnx traces ~45
+    assert len(per_layer) == 10 * layers  # torch.onnx traces ~45
+    assert "Split" not in {n.op_type for n in per_layer}  # q, k and v are products of their own
     assert {"MultiHeadAttention", "SkipLayerNormalization", "FastGelu"} <= {n.op_type for n in per_layer}
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims == {"pixel_values": ["batch_size", "num_images", 3, "height", "width"],

@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from smolbox.config import ConfigError, load_config
 from smolbox.runtime import OnnxVLM
-from smolbox.serve.kv_decoder import SlotVLM, _runs, load_runtime
+from smolbox.serve.kv_decoder import UNMASKED_VISION, SlotVLM, _runs, load_runtime
 from tests.prompts import left_padded_batch
 
 CPU = ["CPUExecutionProvider"]
@@ -404,3 +404,25 @@ def test_newcomers_take_consecutive_slots_when_that_widens_no_decode_step(random
     model.cuda_graph = False
     model.free = {0, 2, 3, 4}
     assert model._take(2) == [0, 2]
+
+
+def test_tiles_without_padding_go_through_the_vision_encoder_without_its_mask(random_export, pair):
+    """derive.vision_without_mask: tiles whose pixel mask is all true (all-padding tiles of a batch aside) run the
+    vision encoder without its attention mask and get the export's features; a tile with padding inside runs the
+    export's graph."""
+    model = slots(random_export, "fp32")
+    exported = model.sessions["vision_encoder"]
+    pixels, mask = pair["pixel_values"], pair["pixel_attention_mask"].astype(bool)
+    tiles = mask.reshape(-1, *mask.shape[-2:])
+    assert not tiles.any(axis=(1, 2)).all(), "the pair's batch has an all-padding tile"
+    assert model.vision_graph(mask) == UNMASKED_VISION != "vision_encoder"
+    features = model.vision_features(pixels, mask)
+    expected = exported.run(None, {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
+    assert features.shape == expected.shape
+    np.testing.assert_allclose(features, expected, atol=1e-4)
+
+    padded = mask.copy()
+    padded[0, 0, :, -5:] = False  # the first tile's right edge is padding
+    assert model.vision_graph(padded) == "vision_encoder"
+    assert np.array_equal(model.vision_features(pixels, padded),
+                          exported.run(None, {"pixel_values": pixels, "pixel_attention_mask": padded})[0])
