@@ -19,7 +19,6 @@ on. Decode rates read each step's greedy tokens as the server does, and once mor
 one prompt (its KV copied into a slot) against that prompt's prefill, and check that the reused prompt decodes the
 tokens it decodes alone (exit status 1 if not). --prefill-dequantized adds the graph runtime with prefills through
 the dequantized decoder (serve.prefill_dequantized): its prefill times, and its tokens against the others'.
-On CUDA the one-row prefill is also timed with its host inputs copied from pageable memory (no HostStage).
 --profile records the GPU kernels (bench.serve_bench.kernel_profile) of the CUDA-graph runtimes' one-row prefill of
 the image prompt and of their batch-1 decode steps.
 
@@ -270,10 +269,6 @@ def main() -> int:
             results[-1][f"prefill_ms_{args.slots}_rows_call_per_row"] = prefill_ms(model, a, args.slots)
             model.batch_prefill = True
             results[-1]["prefill_ms_1_row"] = prefill_ms(model, a, 1)
-            if model.stage is not None:  # the same with the host inputs copied from pageable memory
-                stage, model.stage = model.stage, None
-                results[-1]["prefill_ms_1_row_pageable_inputs"] = prefill_ms(model, a, 1)
-                model.stage = stage
             results[-1]["prefill_ms_new_lengths"] = prefill_ms_new_lengths(model, a)
             results[-1]["prompt_cache"] = prompt_reuse(model, a, args.steps // 2)
         if args.profile and getattr(model, "cuda_graph", False):

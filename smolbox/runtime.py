@@ -109,13 +109,8 @@ class OnnxVLM:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[graph].run(None, self._host_feeds(graph, feeds))
-
-    def _host_feeds(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Host inputs as contiguous arrays in the dtypes `graph` takes (smolbox.serve's runtime also stages the
-        large ones in page-locked memory)."""
         types = self.input_types[graph]
-        return {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feeds.items()}
+        return self.sessions[graph].run(None, {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feeds.items()})
 
     def vision_features(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
         """The vision encoder's features [tiles, tokens, hidden] (a host array) of pixel tiles [B, N, 3, H, W]; tiles
@@ -165,10 +160,10 @@ class OnnxVLM:
 
     def _bound_run(self, graph: str, feeds: dict[str, np.ndarray]):
         """One session run with host inputs and its first output left in device memory (an OrtValue)."""
-        session = self.sessions[graph]
+        session, types = self.sessions[graph], self.input_types[graph]
         binding = session.io_binding()
-        for name, value in self._host_feeds(graph, feeds).items():
-            binding.bind_cpu_input(name, value)
+        for name, value in feeds.items():
+            bind_input(binding, name, value, types[name])
         binding.bind_output(session.get_outputs()[0].name, self.device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]

@@ -47,7 +47,6 @@ EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"  #
 # by version: memory is allocated first), and its session may itself repeat a run until captured; later runs replay.
 GRAPH_CAPTURE_RUNS = 3
 UNMASKED_VISION = "vision_encoder.unmasked"  # SlotVLM's session of derive.vision_without_mask's graph
-STAGE_MIN_BYTES = 2**20  # host inputs from this size go through HostStage on CUDA
 PREFILL_SCRATCH_BYTES = 2**30  # CPU: attention scores one batched prefill call may hold (SlotVLM._prefill_calls)
 
 
@@ -119,7 +118,6 @@ class SlotVLM(OnnxVLM):
         self._session_config = session_config or {}
         self.prompt_cache = LRUCache(prompt_cache_bytes)  # prompt_key -> CachedPrompt (remember, reuse)
         self._keep_session = None
-        self.stage: HostStage | None = None  # large host inputs staged in page-locked memory (CUDA)
         self.capacity = min(capacity, derived.positions)
         self.want_cuda_graph = cuda_graph
         self.cuda_graph = False
@@ -154,12 +152,11 @@ class SlotVLM(OnnxVLM):
         self.capture_s = self.capture_graphs()  # seconds; 0 without a CUDA graph
         # serve.prefill_dequantized: prefills through a second session with the 4-bit weights dequantized (dequant.py)
         self.prefill_session, self._prefill_weights = (self._dequantized_prefill_session() if prefill_dequantized else (None, []))
-        if self.on_cuda:
+        if self.on_cuda and self.prompt_cache.max_bytes:
             try:
                 _cudart()
-                self.stage = HostStage(_page_locked)
             except RuntimeError as exc:
-                log.warning("serve: prompt cache off, inputs copied from pageable memory: %s", exc)
+                log.warning("serve: prompt cache off: %s", exc)
                 self.prompt_cache.max_bytes = 0
 
     def _session(self, graph: str, options, providers):
@@ -193,10 +190,6 @@ class SlotVLM(OnnxVLM):
         self.sessions[UNMASKED_VISION] = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
         self.input_types[UNMASKED_VISION] = self.input_types["vision_encoder"]
         return True
-
-    def _host_feeds(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = super()._host_feeds(graph, feeds)
-        return self.stage(feeds) if self.stage else feeds
 
     def vision_graph(self, pixel_attention_mask: np.ndarray) -> str:
         """UNMASKED_VISION when no tile has padding (every tile's pixel mask all true, tiles that are all padding
@@ -579,65 +572,13 @@ def _keep_graph(count: int, dtype) -> onnx.ModelProto:
     return model
 
 
-class HostStage:
-    """Large host inputs (STAGE_MIN_BYTES and up: a new image's pixels and pixel mask) copied into one page-locked
-    buffer before onnxruntime moves them to the GPU. From pageable memory the CUDA driver copies through bounce
-    buffers: 5.8 ms of GPU copy time for the 13-tile image prompt's host inputs, 16% of its prefill's GPU time, on
-    the H200 of 2026-12-01 lease 10 (docs/benchmarks.md); from page-locked memory it copies at the bus's speed. The
-    buffer grows to the largest call's inputs and is reused: a session run has copied its inputs to the device by
-    the time it returns, before the next call stages its own. `allocate(nbytes)` returns (address, release)."""
-
-    def __init__(self, allocate):
-        self.allocate = allocate
-        self.address, self.size, self._release = 0, 0, None
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        large = [name for name, value in feeds.items() if value.nbytes >= STAGE_MIN_BYTES]
-        if not large:
-            return feeds
-        offsets, total = {}, 0
-        for name in large:
-            offsets[name] = total
-            total += -(-feeds[name].nbytes // 256) * 256  # each input 256-byte aligned
-        if total > self.size:
-            self._grow(total)
-        staged = dict(feeds)
-        for name in large:
-            value = feeds[name]
-            view = np.frombuffer((ctypes.c_char * value.nbytes).from_address(self.address + offsets[name]), value.dtype)
-            staged[name] = view.reshape(value.shape)
-            np.copyto(staged[name], value)
-        return staged
-
-    def _grow(self, nbytes: int) -> None:
-        self.close()
-        self.size = -(-nbytes // 2**20) * 2**20
-        self.address, self._release = self.allocate(self.size)
-
-    def close(self) -> None:
-        if self._release is not None:
-            self._release()
-        self.address, self.size, self._release = 0, 0, None
-
-    def __del__(self):
-        self.close()
-
-
-def _page_locked(nbytes: int):
-    """(address, release) of `nbytes` of page-locked host memory (cudaHostAlloc)."""
-    cudart, pointer = _cudart(), ctypes.c_void_p()
-    _cuda_check(cudart.cudaHostAlloc(ctypes.byref(pointer), nbytes, 0))
-    return pointer.value, lambda: cudart.cudaFreeHost(pointer)
-
-
 CUDA_MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyKind
 
 
 @functools.cache
 def _cudart():
     """The CUDA runtime library onnxruntime's CUDA provider runs on (loaded by then: engine.preload_cuda_libraries,
-    or the system's), for the strided copies of the prompt cache, which onnxruntime has no call for, and the
-    page-locked memory of HostStage. Loaded as a
+    or the system's), for the strided copies of the prompt cache, which onnxruntime has no call for. Loaded as a
     PyDLL, whose calls keep the GIL: these calls are short, and a CDLL's release and retake of the GIL around each
     of them waited for the event loop and request threads under load (11 ms a reuse in the server against 0.4 ms
     alone on the H200: docs/benchmarks.md)."""
@@ -649,8 +590,6 @@ def _cudart():
         lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
                                           ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
-        lib.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
-        lib.cudaFreeHost.argtypes = [ctypes.c_void_p]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
         return lib
     raise RuntimeError("no CUDA runtime library (libcudart) found for the prompt cache; set serve.prompt_cache_mb=0")

@@ -2,8 +2,6 @@
 of the published decoder and of PyTorch, for rows of different lengths decoded together and for rows joining and
 leaving a running batch; the export folder is left as it is."""
 
-import ctypes
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from smolbox.config import ConfigError, load_config
 from smolbox.runtime import OnnxVLM
-from smolbox.serve.kv_decoder import UNMASKED_VISION, HostStage, SlotVLM, _runs, load_runtime
+from smolbox.serve.kv_decoder import UNMASKED_VISION, SlotVLM, _runs, load_runtime
 from tests.prompts import left_padded_batch
 
 CPU = ["CPUExecutionProvider"]
@@ -428,33 +426,3 @@ def test_tiles_without_padding_go_through_the_vision_encoder_without_its_mask(ra
     assert model.vision_graph(padded) == "vision_encoder"
     assert np.array_equal(model.vision_features(pixels, padded),
                           exported.run(None, {"pixel_values": pixels, "pixel_attention_mask": padded})[0])
-
-
-def test_large_host_inputs_are_staged_in_one_buffer_each_in_its_own_place():
-    """HostStage (page-locked memory on CUDA; here bytes the test owns): inputs of STAGE_MIN_BYTES and up are copied
-    into the buffer, 256-byte aligned and not overlapping, with their values, shapes and dtypes; smaller ones stay
-    as they are; the buffer grows when a call needs more and the old one is released."""
-    blocks, released = [], []
-
-    def allocate(nbytes):
-        blocks.append((ctypes.c_char * nbytes)())
-        block = blocks[-1]
-        return ctypes.addressof(block), lambda: released.append(block)
-
-    stage = HostStage(allocate)
-    rng = np.random.default_rng(0)
-    pixels = rng.standard_normal((1, 3, 3, 300, 400)).astype(np.float16)  # 2.2 MB
-    mask = rng.random((1, 3, 300, 400)) > 0.5  # 0.36 MB: under STAGE_MIN_BYTES
-    ids = np.arange(5, dtype=np.int64)[None]
-    staged = stage({"pixel_values": pixels, "pixel_attention_mask": mask, "input_ids": ids})
-    assert staged["pixel_attention_mask"] is mask and staged["input_ids"] is ids
-    assert staged["pixel_values"].ctypes.data == stage.address and staged["pixel_values"].dtype == np.float16
-    assert np.array_equal(staged["pixel_values"], pixels) and not np.shares_memory(staged["pixel_values"], pixels)
-
-    other = rng.standard_normal((2, 800, 700)).astype(np.float32)  # 4.5 MB: the buffer grows
-    staged = stage({"a": pixels, "b": other})
-    assert len(blocks) == 2 and len(released) == 1
-    a, b = staged["a"], staged["b"]
-    assert a.ctypes.data == stage.address and (b.ctypes.data - stage.address) % 256 == 0 and b.ctypes.data >= a.ctypes.data + a.nbytes
-    assert np.array_equal(a, pixels) and np.array_equal(b, other)
-    assert stage.size >= b.ctypes.data + b.nbytes - stage.address
