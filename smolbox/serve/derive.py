@@ -201,15 +201,10 @@ def vision_without_mask(model: onnx.ModelProto) -> onnx.ModelProto | None:
             changed = True
     if not changed:
         return None
-    outputs = {o.name for o in graph.output}
-    while True:  # drop what no longer feeds anything
-        used = outputs | {name for n in graph.node for name in n.input}
-        kept = [n for n in graph.node if any(o in used for o in n.output if o)]
-        if len(kept) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(kept)
-    used = {name for n in graph.node for name in n.input}
+    nodes = _live(list(graph.node), {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for n in nodes for name in n.input}
     initializers = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(initializers)

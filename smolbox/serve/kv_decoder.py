@@ -112,8 +112,8 @@ class SlotVLM(OnnxVLM):
                  prompt_cache_bytes: int = 0, prefill_dequantized: bool = False, attention_kernel: int = 1):
         self.derived, self.slots, self.batch_prefill = derived, slots, batch_prefill
         # serve.attention_kernel: onnxruntime's sdpa_kernel for the decoder (0 = its choice). Flash by default: a
-        # 1,102-token prefill 1.6 ms faster than memory-efficient, decode steps the same (its XQA decoding kernel
-        # either way), and no per-length planning as with cuDNN (docs/benchmarks.md, 2026-12-01 lease 9).
+        # 1,102-token prefill 0.4-1.6 ms faster than memory-efficient, decode steps the same (its XQA decoding kernel
+        # either way), and no per-length planning as with cuDNN (docs/benchmarks.md, 2026-12-01 leases 9 and 10).
         self.attention_kernel = attention_kernel
         self._session_config = session_config or {}
         self.prompt_cache = LRUCache(prompt_cache_bytes)  # prompt_key -> CachedPrompt (remember, reuse)
