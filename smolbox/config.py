@@ -181,6 +181,7 @@ class ServeConfig(_Section):
     kv_capacity_tokens: int | None = Field(None, gt=1, description="Tokens one KV slot holds (prompt + answer); null = max_prompt_tokens + max_tokens_limit. Memory: slots x capacity x layers x 2 x hidden x bytes per value")
     cuda_graph: bool = Field(True, description="With kv_slots on the CUDA provider, replay the decode step as a CUDA graph, one per batch bucket (powers of two up to the slot count; a step runs the smallest that holds its highest slot), all captured at load; ignored on the CPU")
     attention_kernel: int = Field(1, ge=0, description="With kv_slots on the CUDA provider, the attention kernels onnxruntime may use in the decoder's prefills (its sdpa_kernel bits: 1 flash, 2 memory-efficient, 8 cuDNN; 0 = onnxruntime's own choice, which plans cuDNN anew for every prompt length); decode steps use its decoding kernel whatever this says")
+    overlap_rows: bool = Field(False, description="The running rows take each step's tokens (text, stop strings, events) on a thread of their own while the next decode step already runs for all of them; a row that finished leaves after that step, its extra token unused")
     batch_prefill: bool = Field(True, description="With kv_slots, newcomers whose KV slots are consecutive prefill in one decoder call, right-padded to the longest; false = one decoder call per newcomer")
     ort_session_config: dict[str, str] = Field(
         default_factory=dict, description="Extra onnxruntime session config entries for every graph (ep.cuda.* ones are ignored on the CPU)")

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,8 @@ class Engine:
         self.model: OnnxVLM | None = None
         self.preprocessor: Preprocessor | None = None
         self.thread = threading.Thread(target=self._main, name="smolbox-engine", daemon=True)
+        # serve.overlap_rows: the rows take a step's tokens on this thread while the engine thread runs the decode step
+        self.rows_thread = ThreadPoolExecutor(1, thread_name_prefix="smolbox-rows") if cfg.serve.overlap_rows else None
 
     def start(self) -> None:
         self.thread.start()
@@ -135,6 +138,8 @@ class Engine:
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=30)
+        if self.rows_thread is not None:
+            self.rows_thread.shutdown(wait=False)
 
     def submit(self, request: GenRequest) -> None:
         request.queued = time.perf_counter()
@@ -170,9 +175,9 @@ class Engine:
     def _step(self, batch: Batch | None) -> Batch | None:
         """One engine step (continuous batching): sample a token for every running row from the current logits, let
         finished rows leave, decode one step for the others, then prefill this step's newcomers and let them join.
-        The rows' events go out together (Outbox) as soon as every row has its token, before the decode step and
-        the newcomers' prefill, so a token does not wait for them; anything posted later in the step (a failed
-        prefill's errors) goes at its end, also when the step fails."""
+        The rows' events go out together (Outbox) as soon as every row has its token, before the decode step ends
+        (serve.overlap_rows: while it runs) and before the newcomers' prefill, so a token does not wait for them;
+        anything posted later in the step (a failed prefill's errors) goes at its end, also when the step fails."""
         try:
             return self._run_step(batch)
         finally:
@@ -185,21 +190,21 @@ class Engine:
             for i, row in enumerate(batch.rows):
                 if row.request.temperature != 0.0:
                     tokens[i] = sample(batch.step.logits[i], row.request.temperature, row.request.top_p, row.rng)
-                row.add(int(tokens[i]))
-                if row.finished:
-                    self.scheduler.release(row.request)
-            keep = [i for i, row in enumerate(batch.rows) if not row.finished]
-            self.outbox.flush()
-            clock.lap("rows")
-            if not keep:
-                model.release(batch.step)  # every row finished: their KV slots are free for this step's newcomers
+            if self.rows_thread is not None:
+                step, rows = self._decode_beside_rows(batch, tokens, clock)
             else:
-                step = batch.step if len(keep) == len(batch.rows) else model.select(batch.step, keep)
-                rows = [batch.rows[i] for i in keep]
-                step = model.decode(step, tokens[keep])
-                self.metrics.decode_steps.inc()
-                self.metrics.decode_rows.inc(len(rows))
-            clock.lap("decode")
+                self._add_tokens(batch.rows, tokens)
+                clock.lap("rows")
+                keep = [i for i, row in enumerate(batch.rows) if not row.finished]
+                if not keep:
+                    model.release(batch.step)  # every row finished: their KV slots are free for this step's newcomers
+                else:
+                    step = batch.step if len(keep) == len(batch.rows) else model.select(batch.step, keep)
+                    rows = [batch.rows[i] for i in keep]
+                    step = model.decode(step, tokens[keep])
+                    self.metrics.decode_steps.inc()
+                    self.metrics.decode_rows.inc(len(rows))
+                clock.lap("decode")
         if not rows or self.cfg.serve.continuous_batching:
             newcomers = self._admit(running=len(rows), clock=clock)
             if newcomers is not None and step is None:
@@ -215,6 +220,36 @@ class Engine:
                 clock.lap("merge")
         self.metrics.decoding.set(len(rows))
         return Batch(step, rows) if rows else None
+
+    def _add_tokens(self, rows: list[Row], tokens: np.ndarray) -> None:
+        """Each row takes its token (text, stop checks, events); the events go to the event loop together."""
+        for row, token in zip(rows, tokens):
+            row.add(int(token))
+            if row.finished:
+                self.scheduler.release(row.request)
+        self.outbox.flush()
+
+    def _decode_beside_rows(self, batch: Batch, tokens: np.ndarray, clock: _PhaseClock) -> tuple[object, list[Row]]:
+        """serve.overlap_rows: the decode step runs for every row of `batch` while the rows take their tokens on
+        the rows thread (onnxruntime releases the GIL while it runs), so the rows' host work no longer waits
+        between steps; rows that finished with this token then leave the new step, their one extra token unused
+        (a row's KV slot holds prompt + max_tokens, so it has room for it). Returns (step, rows) that go on."""
+        model = self.model
+        adding = self.rows_thread.submit(self._add_tokens, batch.rows, tokens)
+        try:
+            step = model.decode(batch.step, tokens)
+        finally:
+            adding.result()
+        self.metrics.decode_steps.inc()
+        self.metrics.decode_rows.inc(len(batch.rows))
+        keep = [i for i, row in enumerate(batch.rows) if not row.finished]
+        if not keep:
+            model.release(step)
+            step = None
+        elif len(keep) < len(batch.rows):
+            step = model.select(step, keep)
+        clock.lap("decode")
+        return step, [batch.rows[i] for i in keep]
 
     def _admit(self, running: int, clock: _PhaseClock) -> Batch | None:
         """This step's newcomers as one batch (None when there are none, or they failed): those whose prompt the
