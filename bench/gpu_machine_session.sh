@@ -48,6 +48,10 @@
 #                                          dequantized prefill and the decoder's attention kernels (serve.attention_kernel)
 #   bash bench/gpu_machine_session.sh vision       (after export-base) experiments/vision_variants.py: the vision encoder's
 #                                          graph and attention-kernel variants
+#   bash bench/gpu_machine_session.sh serve11      (after export-base) TTFT and batch-1 decode of ORT q4f16 and transformers bf16
+#                                          side by side, then HTTP 32 clients x 256 tokens, 20 s each: default,
+#                                          overlap_rows, prefill_dequantized and preprocess_workers=8 combined (SERVE_SETS),
+#                                          same and distinct prompts
 #   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server under 32 clients x 256 tokens for
 #                                          5 minutes, its GPU memory and RSS read 10 times (first, last, max)
 set -uo pipefail
@@ -238,6 +242,13 @@ for line in sys.stdin:
   vision)  # (after export-base) the vision encoder's graph and attention-kernel variants (experiments/vision_variants.py)
     python -m experiments.vision_variants --export /tmp/exp/base --variants ${VISION_VARIANTS:-q4f16} \
       --json "$OUT/vision_variants.json" 2>&1 | grep -vE "Warn|warn" | tail -45
+    ;;
+  serve11)  # (after export-base) issue #13, fifth round: transformers beside ORT, then serve.overlap_rows and its
+            # combinations over HTTP
+    python -m bench.serve_bench --export /tmp/exp/base --hf-model /tmp/rs/model --ort-variants q4f16 --hf bf16 --batch 8 \
+      --http-variant q4f16 --clients 32 --seconds "${SECONDS_PER_RUN:-20}" --max-tokens 256 --memory-samples 2 \
+      --serve-sets ${SERVE_SETS:-default overlap_rows=true overlap_rows=true,prefill_dequantized=true overlap_rows=true,prefill_dequantized=true,preprocess_workers=8} \
+      --prompts same distinct --json "$OUT/serve11.json" 2>&1 | grep -vE "Warn|warn" | tail -24
     ;;
   serve-soak)
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
