@@ -275,7 +275,9 @@ def engine_counters(url: str) -> dict[str, float]:
         elif name in ("smolbox_decode_steps_total", "smolbox_decode_rows_total", "smolbox_prompt_cache_hits_total",
                       "smolbox_prompt_cache_misses_total", "smolbox_queue_wait_seconds_sum", "smolbox_queue_wait_seconds_count",
                       "smolbox_time_to_first_token_seconds_sum", "smolbox_time_to_first_token_seconds_count",
-                      "smolbox_preprocess_seconds_sum", "smolbox_preprocess_seconds_count"):
+                      "smolbox_preprocess_seconds_sum", "smolbox_preprocess_seconds_count",
+                      "smolbox_body_read_seconds_sum", "smolbox_body_read_seconds_count",
+                      "smolbox_prepare_work_seconds_sum", "smolbox_prepare_work_seconds_count"):
             out[name.removeprefix("smolbox_").removesuffix("_total")] = float(value)
     return out
 
@@ -286,8 +288,9 @@ def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict:
     delta = {k: round(after.get(k, 0.0) - before.get(k, 0.0), 3) for k in after}
     phases = sum(v for k, v in delta.items() if k.endswith("_s"))
     steps = delta.get("decode_steps", 0.0)
-    # Server-side means over the run: request to first token, request to the queue (preprocessing), queue to admission.
-    for name in ("time_to_first_token", "preprocess", "queue_wait"):
+    # Server-side means over the run: request to first token, request to the queue (preprocessing; of it, reading the
+    # body and the preparation's own work), queue to admission.
+    for name in ("time_to_first_token", "preprocess", "body_read", "prepare_work", "queue_wait"):
         count = delta.pop(f"{name}_seconds_count", 0.0)
         total = delta.pop(f"{name}_seconds_sum", 0.0)
         delta[f"server_{name}_mean_ms"] = round(1e3 * total / count, 1) if count else None
@@ -480,7 +483,8 @@ def main() -> None:
                 print(f"     event loop (main thread) CPU {r['event_loop']['cpu_s']} s, {r['event_loop']['cpu_ms_per_1k_tokens']} ms per 1,000 tokens")
             print(f"     engine thread over {e['wall_s']:.0f} s: {phases} s (sum {e['phases_s']:.1f}); {e.get('decode_steps', 0):.0f} "
                   f"decode steps of {e['mean_decode_rows']} rows, {e['decode_ms_per_step']} ms each; server means: first "
-                  f"token {e.get('server_time_to_first_token_mean_ms')} ms, preprocess {e.get('server_preprocess_mean_ms')} ms, "
+                  f"token {e.get('server_time_to_first_token_mean_ms')} ms, preprocess {e.get('server_preprocess_mean_ms')} ms "
+                  f"(body {e.get('server_body_read_mean_ms')}, preparing {e.get('server_prepare_work_mean_ms')}), "
                   f"queue wait {e.get('server_queue_wait_mean_ms')} ms")
 
 

@@ -47,7 +47,7 @@ def build_app(cfg: Config) -> FastAPI:
     engine = Engine(cfg, folder, metrics)
     created = int(time.time())
 
-    preparer = Preparer(folder, cfg.serve, model_name, engine)
+    preparer = Preparer(folder, cfg.serve, model_name, engine, metrics)
 
     async def lifespan(app):
         engine.start()
@@ -92,6 +92,7 @@ def build_app(cfg: Config) -> FastAPI:
         if not engine.ready.is_set():
             raise APIError(503, "The model is still loading; retry shortly.", code="model_loading", kind="server_error")
         body = await _read_body(request, cfg.serve.max_body_bytes)
+        metrics.body_read.observe(time.perf_counter() - started)
         # Image decoding, tiling and tokenization take tens of ms of CPU: off the event loop, so streams keep flowing.
         prompt, encoded, images = await preparer(body)
         prompt_tokens = int(encoded.input_ids.shape[1])

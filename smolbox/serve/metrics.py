@@ -1,5 +1,5 @@
 """The server's Prometheus metrics (GET /metrics): requests and errors, latency and time to first token, tokens,
-preprocessing time, queue wait and depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image- and prompt-cache hits and misses, and the
+preprocessing time (and its body reading and preparation work), queue wait and depth, batch sizes and joins, reserved KV tokens, vision-encoder calls, image- and prompt-cache hits and misses, and the
 engine thread's time by phase (what a step's wall time goes to under load). One registry per app, so two servers in
 one process never share counts."""
 
@@ -19,6 +19,10 @@ class Metrics:
         self.ttft = Histogram("smolbox_time_to_first_token_seconds", "Time from request to first token", buckets=BUCKETS, registry=registry)
         self.tokens = Counter("smolbox_generated_tokens_total", "Completion tokens generated", registry=registry)
         self.preprocess = Histogram("smolbox_preprocess_seconds", "Time from the request to the engine's queue: validation, images, tokens", buckets=BUCKETS, registry=registry)
+        self.body_read = Histogram("smolbox_body_read_seconds", "Of smolbox_preprocess_seconds: reading the request body", buckets=BUCKETS, registry=registry)
+        self.prepare_work = Histogram("smolbox_prepare_work_seconds", "Of smolbox_preprocess_seconds: the preparation itself (validation, chat "
+                                      "template, images, tokens) in its thread or worker process; the rest is waiting for one and for the "
+                                      "event loop to take the result", buckets=BUCKETS, registry=registry)
         self.queue_wait = Histogram("smolbox_queue_wait_seconds", "Time from the engine's queue to the step that admits the request", buckets=BUCKETS, registry=registry)
         self.queue_depth = Gauge("smolbox_queue_depth", "Requests waiting for the engine", registry=registry)
         self.batch_size = Histogram("smolbox_batch_size", "Requests per prefill batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -36,12 +37,20 @@ def prepare(body, limits: ServeConfig, model_name: str, preprocessor: Preprocess
     return prompt, encoded, image_parts(encoded, identity)
 
 
-class Preparer:
-    """`await preparer(body)`: `prepare` in a thread of this process, or in a worker process when `workers` > 0.
-    The export's pixel dtype and identity come from the engine once it has loaded (they are sent with each call)."""
+def timed_prepare(*args) -> tuple[Prepared, float]:
+    """`prepare` and the seconds it took where it ran (a thread or a worker process)."""
+    started = time.perf_counter()
+    prepared = prepare(*args)
+    return prepared, time.perf_counter() - started
 
-    def __init__(self, folder: Path, limits: ServeConfig, model_name: str, engine):
-        self.limits, self.model_name, self.engine = limits, model_name, engine
+
+class Preparer:
+    """`await preparer(body)`: `prepare` in a thread of this process, or in a worker process when `workers` > 0;
+    its own time goes to `metrics.prepare_work`. The export's pixel dtype and identity come from the engine once it
+    has loaded (they are sent with each call)."""
+
+    def __init__(self, folder: Path, limits: ServeConfig, model_name: str, engine, metrics):
+        self.limits, self.model_name, self.engine, self.metrics = limits, model_name, engine, metrics
         self.pool = None
         if limits.preprocess_workers > 0:
             # spawn, not fork: the server process runs threads (the engine, onnxruntime's) that a fork would copy
@@ -54,10 +63,13 @@ class Preparer:
     async def __call__(self, body) -> Prepared:
         engine = self.engine
         if self.pool is None:
-            return await asyncio.to_thread(prepare, body, self.limits, self.model_name, engine.preprocessor, engine.identity)
-        loop = asyncio.get_running_loop()
-        dtype = np.dtype(engine.preprocessor.pixel_dtype).name
-        return await loop.run_in_executor(self.pool, _prepare_in_worker, body, dtype, engine.identity)
+            prepared, seconds = await asyncio.to_thread(timed_prepare, body, self.limits, self.model_name, engine.preprocessor, engine.identity)
+        else:
+            loop = asyncio.get_running_loop()
+            dtype = np.dtype(engine.preprocessor.pixel_dtype).name
+            prepared, seconds = await loop.run_in_executor(self.pool, _prepare_in_worker, body, dtype, engine.identity)
+        self.metrics.prepare_work.observe(seconds)
+        return prepared
 
     def close(self) -> None:
         if self.pool is not None:
@@ -79,9 +91,9 @@ def tiling_preprocessor(folder, limits: ServeConfig) -> Preprocessor:
     return preprocessor
 
 
-def _prepare_in_worker(body, pixel_dtype: str, identity: bytes) -> Prepared:
+def _prepare_in_worker(body, pixel_dtype: str, identity: bytes) -> tuple[Prepared, float]:
     preprocessor, limits, model_name = _worker
     preprocessor.pixel_dtype = np.dtype(pixel_dtype)
-    prompt, encoded, parts = prepare(body, limits, model_name, preprocessor, identity)
+    (prompt, encoded, parts), seconds = timed_prepare(body, limits, model_name, preprocessor, identity)
     # What the engine reads: the ids and each image's tiles and key (parts), not the images or the padded batch.
-    return replace(prompt, images=[]), replace(encoded, pixel_values=None, pixel_attention_mask=None), parts
+    return (replace(prompt, images=[]), replace(encoded, pixel_values=None, pixel_attention_mask=None), parts), seconds

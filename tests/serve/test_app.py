@@ -309,6 +309,9 @@ def test_metrics_are_prometheus_text(server):
         assert metric(server, f'smolbox_engine_seconds_total{{phase="{phase}"}}') > 0, phase
     steps, rows = metric(server, "smolbox_decode_steps_total"), metric(server, "smolbox_decode_rows_total")
     assert steps >= 1 and rows >= steps
+    # Preprocessing time, and of it the body's reading and the preparation's own work (in its thread)
+    for part in ("preprocess", "body_read", "prepare_work"):
+        assert metric(server, f"smolbox_{part}_seconds_count") >= 1 and metric(server, f"smolbox_{part}_seconds_sum") > 0, part
 
 
 def test_full_queue_gets_429_then_sigterm_drains_in_flight_requests(folder):
