@@ -195,7 +195,7 @@ class Engine:
             else:
                 self._add_tokens(batch.rows, tokens)
                 clock.lap("rows")
-                keep = [i for i, row in enumerate(batch.rows) if not row.finished]
+                keep = self._finished_leave(batch.rows)
                 if not keep:
                     model.release(batch.step)  # every row finished: their KV slots are free for this step's newcomers
                 else:
@@ -225,9 +225,15 @@ class Engine:
         """Each row takes its token (text, stop checks, events); the events go to the event loop together."""
         for row, token in zip(rows, tokens):
             row.add(int(token))
+        self.outbox.flush()
+
+    def _finished_leave(self, rows: list[Row]) -> list[int]:
+        """The scheduler releases the rows that finished (on the engine thread, as its other calls); the indices
+        of those that go on."""
+        for row in rows:
             if row.finished:
                 self.scheduler.release(row.request)
-        self.outbox.flush()
+        return [i for i, row in enumerate(rows) if not row.finished]
 
     def _decode_beside_rows(self, batch: Batch, tokens: np.ndarray, clock: _PhaseClock) -> tuple[object, list[Row]]:
         """serve.overlap_rows: the decode step runs for every row of `batch` while the rows take their tokens on
@@ -242,7 +248,7 @@ class Engine:
             adding.result()
         self.metrics.decode_steps.inc()
         self.metrics.decode_rows.inc(len(batch.rows))
-        keep = [i for i, row in enumerate(batch.rows) if not row.finished]
+        keep = self._finished_leave(batch.rows)
         if not keep:
             model.release(step)
             step = None
