@@ -17,7 +17,8 @@
 #   bash bench/gpu_machine_session.sh probe        its parity; ORT q4f16 with and without the fpA_intB kernels (session
 #                                          config, and weights prepacked in the file), GPU kernel profiles
 #   bash bench/gpu_machine_session.sh train4       default.yaml and lowmem.yaml (reference log-probs precomputed) and default without
-#   bash bench/gpu_machine_session.sh export-base  smolbox export of the base model: fp32 + q4f16 (parity on 1 prompt)
+#   bash bench/gpu_machine_session.sh export-base  smolbox export of the base model: EXPORT_VARIANTS (fp32 + q4f16; the
+#                                          serving stages read q4f16 only: EXPORT_VARIANTS="[q4f16]" saves ~1 minute), parity on 1 prompt
 #   bash bench/gpu_machine_session.sh serve4       ORT q4f16 TTFT / decode / kernel profile, then HTTP at 8 and 32 clients, 256 tokens
 #   bash bench/gpu_machine_session.sh scale        default.yaml on 1 GPU and on every GPU of the host, global batch 32, side by side
 #   bash bench/gpu_machine_session.sh serve5       engine v2 on the base export (q4f16): the KV-slot decoder with and without its
@@ -119,7 +120,7 @@ case "${1:?stage}" in
     ;;
   batching)  # fresh machine: base export (q4f16), then HTTP with static against continuous batching, side by side
     python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
-      --export.variants "[fp32, q4f16]" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
+      --export.variants "${EXPORT_VARIANTS:-[fp32, q4f16]}" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 8 32 --seconds 15 \
       --max-tokens 256 --batching static continuous --json "$OUT/serve_batching.json" 2>&1 | grep -E "^HTTP|Error"
     ;;
@@ -146,7 +147,7 @@ case "${1:?stage}" in
     ;;
   export-base)
     python -m smolbox export "${REAL[@]}" --export.source base --export.name base --export.output_dir /tmp/exp \
-      --export.variants "[fp32, q4f16]" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
+      --export.variants "${EXPORT_VARIANTS:-[fp32, q4f16]}" --export.parity_prompts 1 --export.parity_new_tokens 4 2>&1 | grep -E "export:|Error" | tail -12
     ;;
   serve4)
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants q4f16 --hf --batch 32 --profile-kernels --http-variant q4f16 \
