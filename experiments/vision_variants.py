@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from smolbox.serve.derive import replace_nodes, vision_without_mask
+
 KERNELS = {"default": None, "flash": "1", "efficient": "2", "cudnn": "8", "unfused": "16"}
 
 
@@ -41,14 +43,15 @@ def qkv_apart(model: onnx.ModelProto) -> onnx.ModelProto:
     for n in graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
-    nodes, dropped, added = [], set(), []
+    nodes, added = [], []
     splits = {}
     for n in graph.node:
         if n.op_type == "Split" and len(n.output) == 3 and readers.get(n.input[0]) == 1 \
                 and producer.get(n.input[0]) is not None and producer[n.input[0]].op_type in ("MatMul", "MatMulNBits"):
             splits[producer[n.input[0]].name] = n
+    split_names = {s.name for s in splits.values()}
     for n in graph.node:
-        if n.op_type == "Split" and n.name in {s.name for s in splits.values()}:
+        if n.name in split_names:
             continue
         split = splits.get(n.name)
         if split is None:
@@ -68,24 +71,15 @@ def qkv_apart(model: onnx.ModelProto) -> onnx.ModelProto:
             for j, (out, tag) in enumerate(zip(split.output, "qkv")):
                 names = []
                 for source, array in ((n.input[1], packed), (n.input[2], scales)):
-                    piece = array.reshape(attrs["N"], -1)[j * rows:(j + 1) * rows].reshape((rows,) + array.shape[1:]) \
-                        if array.shape[0] == attrs["N"] else array.reshape(attrs["N"], -1)[j * rows:(j + 1) * rows].reshape(-1)
+                    shape = (rows, *array.shape[1:]) if array.shape[0] == attrs["N"] else (-1,)  # scales may be flat
+                    piece = array.reshape(attrs["N"], -1)[j * rows:(j + 1) * rows].reshape(shape)
                     names.append(f"{source}.{tag}")
                     added.append(numpy_helper.from_array(np.ascontiguousarray(piece), names[-1]))
                 nodes.append(helper.make_node("MatMulNBits", [n.input[0], *names], [out], name=f"{n.name}.{tag}",
                                               domain="com.microsoft", **{**attrs, "N": rows}))
-        dropped.update(n.input[1:])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _replace_initializers(graph, dropped, added)
+    graph.initializer.extend(added)
+    replace_nodes(graph, nodes)
     return model
-
-
-def _replace_initializers(graph: onnx.GraphProto, dropped: set[str], added: list) -> None:
-    still = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name not in dropped or t.name in still]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
 
 
 def main() -> None:
@@ -104,7 +98,6 @@ def main() -> None:
     from smolbox.onnx_layout import graph_path
     from smolbox.preprocess import Preprocessor
     from smolbox.runtime import default_providers, session_options
-    from smolbox.serve.derive import vision_without_mask
     from smolbox.serve.engine import preload_cuda_libraries
 
     preload_cuda_libraries()

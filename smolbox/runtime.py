@@ -37,12 +37,14 @@ def variant_providers(variant: str, cuda_options: dict | None = None) -> list:
 CUDA_OPTIONS = {"sdpa_kernel": "2"}
 
 
-def with_cuda_options(provider):
-    if provider == "CUDAExecutionProvider":
-        return (provider, dict(CUDA_OPTIONS))
-    if isinstance(provider, tuple) and provider[0] == "CUDAExecutionProvider":
-        return (provider[0], {**CUDA_OPTIONS, **provider[1]})
-    return provider
+def with_cuda_options(provider, **overrides):
+    """A CUDA provider with CUDA_OPTIONS under its own options, then `overrides` (a None drops that option); any
+    other provider as it is."""
+    name, options = provider if isinstance(provider, tuple) else (provider, {})
+    if name != "CUDAExecutionProvider":
+        return provider
+    merged = {**CUDA_OPTIONS, **options, **overrides}
+    return (name, {key: value for key, value in merged.items() if value is not None})
 
 
 @dataclass

@@ -8,8 +8,8 @@ dequantized here: the same numbers the quantized kernel computes with (zero poin
 block), so prefill and decode stay one model. It costs the float weights' memory (the text model's size in fp16:
 about 3.4 GB at SmolVLM-Instruct's shapes) on the decoder's device.
 
-The weights go to onnxruntime as external initializers (OrtValues on the decoder's device): a graph with them inline
-would pass protobuf's 2 GB limit.
+The weights go to onnxruntime as external initializers (host arrays, which it copies to the decoder's device when
+the session starts): a graph with them inline would pass protobuf's 2 GB limit.
 
 No torch here: the serving image runs this module.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .derive import MS
+from .derive import MS, replace_nodes
 
 
 @dataclass
@@ -39,7 +39,7 @@ def dequantize_matmuls(model: onnx.ModelProto, folder: Path) -> Dequantized:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    weights, nodes, used = {}, [], set()
+    weights, nodes = {}, []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         extra = list(node.input[3:])
@@ -51,14 +51,8 @@ def dequantize_matmuls(model: onnx.ModelProto, folder: Path) -> Dequantized:
         scales = numpy_helper.to_array(initializers[node.input[2]], base_dir=str(folder))
         name = node.input[1] + ".dequantized"
         weights[name] = dequantize_4bit(packed, scales, attrs["K"], attrs["N"], attrs["block_size"])
-        used.update(node.input[1:3])
         nodes.append(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    still = {name for n in nodes for name in n.input}
-    kept = [t for t in graph.initializer if t.name not in used or t.name in still]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    replace_nodes(graph, nodes)
     for name, weight in weights.items():
         graph.initializer.append(_external_declaration(name, weight))
     return Dequantized(model, weights, len(weights))

@@ -126,8 +126,7 @@ def derive(model: onnx.ModelProto) -> Derived:
     for name in ("attention_mask", "position_ids"):
         if name in used:
             raise NotDerivable(f"{name} is used outside the attention mask and rotary")
-    del graph.node[:]
-    graph.node.extend(nodes)
+    replace_nodes(graph, nodes)
     inputs = [i for i in graph.input if i.name not in ("attention_mask", "position_ids")]
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
                helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
@@ -138,9 +137,6 @@ def derive(model: onnx.ModelProto) -> Derived:
         if value.name.startswith((PAST, PRESENT)):
             value.type.tensor_type.shape.dim[2].Clear()
             value.type.tensor_type.shape.dim[2].dim_param = "kv_capacity"
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
     produced = {o for n in nodes for o in n.output}
     value_info = [v for v in graph.value_info if v.name in produced and not v.name.startswith(PRESENT)]
     del graph.value_info[:]
@@ -201,11 +197,15 @@ def vision_without_mask(model: onnx.ModelProto) -> onnx.ModelProto | None:
             changed = True
     if not changed:
         return None
-    nodes = _live(list(graph.node), {o.name for o in graph.output})
+    replace_nodes(graph, _live(list(graph.node), {o.name for o in graph.output}))
+    return model
+
+
+def replace_nodes(graph: onnx.GraphProto, nodes: list) -> None:
+    """`graph`'s nodes become `nodes`; initializers that no node reads any more go."""
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for n in nodes for name in n.input}
-    initializers = [t for t in graph.initializer if t.name in used]
+    read = {name for n in nodes for name in n.input}
+    kept = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    return model
+    graph.initializer.extend(kept)

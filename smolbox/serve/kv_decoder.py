@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_layout import IR_VERSION, ONNX_FLOAT, OPSET, ORT_TO_NUMPY, PAST, PRESENT, graph_path
-from ..runtime import CUDA_OPTIONS, OnnxVLM, bind_input, default_providers, dims, session_options
+from ..runtime import OnnxVLM, bind_input, default_providers, dims, session_options, with_cuda_options
 from .derive import LAST_INDEX, NEXT_TOKEN, Derived, NotDerivable, derive, vision_without_mask
 from .scheduler import LRUCache
 
@@ -204,21 +204,10 @@ class SlotVLM(OnnxVLM):
         return "vision_encoder"
 
     def _decoder_providers(self, providers, **extra) -> list:
-        """`providers` with the derived decoder's CUDA options: the server's (runtime.CUDA_OPTIONS), the caller's,
-        serve.attention_kernel as sdpa_kernel (none at 0: onnxruntime chooses), then `extra`."""
-        out = []
-        for p in providers:
-            name, options = (p if isinstance(p, tuple) else (p, {}))
-            if name != "CUDAExecutionProvider":
-                out.append(p)
-                continue
-            options = {**CUDA_OPTIONS, **options, **extra}
-            if self.attention_kernel:
-                options["sdpa_kernel"] = str(self.attention_kernel)
-            else:
-                options.pop("sdpa_kernel", None)
-            out.append((name, options))
-        return out
+        """`providers` with the derived decoder's CUDA options: runtime.with_cuda_options with serve.attention_kernel
+        as sdpa_kernel (none at 0: onnxruntime chooses) and `extra`."""
+        kernel = str(self.attention_kernel) if self.attention_kernel else None
+        return [with_cuda_options(p, sdpa_kernel=kernel, **extra) for p in providers]
 
     def _dequantized_prefill_session(self):
         """(session, its weights as OrtValues, which must outlive it) of the derived decoder with its MatMulNBits
