@@ -53,8 +53,9 @@
 #                                          side by side, then HTTP 32 clients x 256 tokens, 20 s each: default,
 #                                          overlap_rows, prefill_dequantized and preprocess_workers=8 combined (SERVE_SETS),
 #                                          same and distinct prompts
-#   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server under 32 clients x 256 tokens for
-#                                          5 minutes, its GPU memory and RSS read 10 times (first, last, max)
+#   bash bench/gpu_machine_session.sh serve-soak   (after export-base) the default server (or SERVE_SETS) under 32 clients x
+#                                          256 tokens for SOAK_SECONDS (300), the same prompt (or PROMPTS), its GPU
+#                                          memory and RSS read 10 times (first, last, max)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_machine_env.sh
@@ -251,10 +252,10 @@ for line in sys.stdin:
       --serve-sets ${SERVE_SETS:-default overlap_rows=true overlap_rows=true,prefill_dequantized=true overlap_rows=true,prefill_dequantized=true,preprocess_workers=8} \
       --prompts same distinct --json "$OUT/serve11.json" 2>&1 | grep -vE "Warn|warn" | tail -24
     ;;
-  serve-soak)
+  serve-soak)  # SERVE_SETS: the server's settings (default: its defaults); PROMPTS: same (default) and/or distinct
     python -m bench.serve_bench --export /tmp/exp/base --ort-variants --hf --http-variant q4f16 --clients 32 \
-      --seconds "${SOAK_SECONDS:-300}" --max-tokens 256 --memory-samples 10 --serve-sets default \
-      --json "$OUT/serve_soak.json" 2>&1 | grep -vE "Warn|warn" | tail -3
+      --seconds "${SOAK_SECONDS:-300}" --max-tokens 256 --memory-samples 10 --serve-sets ${SERVE_SETS:-default} \
+      --prompts ${PROMPTS:-same} --json "$OUT/${JSON:-serve_soak}.json" 2>&1 | grep -vE "Warn|warn" | tail -6
     ;;
   serve-bench)
     folder=$(ls -d /tmp/exp/e2e /tmp/exp/base 2>/dev/null | head -1)

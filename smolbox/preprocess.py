@@ -56,19 +56,23 @@ class Encoded:
     input_ids: np.ndarray  # int64 [1, T]
     attention_mask: np.ndarray  # int64 [1, T]
     pixel_values: np.ndarray | None  # [1, N, 3, H, W] in Preprocessor.pixel_dtype; None when the prompt has no image
-    pixel_attention_mask: np.ndarray | None  # bool [1, N, H, W]
-    image_tiles: tuple[int, ...] = ()  # tiles of each image, in order (they sum to N)
+    pixel_attention_mask: np.ndarray | None  # bool [1, N, H, W]   (both None too when encode(pad=False))
+    image_pixels: tuple[np.ndarray, ...] = ()  # each image's tiles [n, 3, h, w], in order, unpadded and read-only
     image_digests: tuple[bytes, ...] = ()  # image_digest of each image, in order
 
 
 @dataclass
 class TiledImage:
-    """One image's tiles (Preprocessor.image_tiles) as the tile cache keeps them."""
+    """One image's tiles (Preprocessor.image_tiles, stacked and read-only: requests share them) as the tile cache
+    keeps them."""
 
-    tiles: list[np.ndarray]
+    pixels: np.ndarray  # [n, 3, h, w]
     rows: int
     cols: int
-    nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.nbytes
 
 
 def image_digest(image: Image.Image, pixel_dtype) -> bytes:
@@ -131,14 +135,16 @@ class Preprocessor:
             **self.special_tokens,
         )
 
-    def encode(self, text: str, images: list[Image.Image] | None = None) -> Encoded:
-        """Model inputs for one prompt: each `<image>` in `text` takes the next image of `images`, in order."""
+    def encode(self, text: str, images: list[Image.Image] | None = None, pad: bool = True) -> Encoded:
+        """Model inputs for one prompt: each `<image>` in `text` takes the next image of `images`, in order.
+        pad=False leaves out the padded pixel batch (pixel_values, pixel_attention_mask): the server reads each
+        image's tiles (image_pixels) alone, and building the batch only to cut it up again cost a request most of
+        its preparation time when its image was in the tile cache (docs/benchmarks.md, lease 12)."""
         images = list(images or [])
         pieces = text.split(IMAGE_TOKEN)
         if len(pieces) - 1 != len(images):
             raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} tokens but {len(images)} images were given")
-        tiles: list[np.ndarray] = []
-        counts: list[int] = []
+        tiled_images: list[TiledImage] = []
         digests: list[bytes] = []
         expanded = [pieces[0]]
         for image, piece in zip(images, pieces[1:]):
@@ -146,17 +152,18 @@ class Preprocessor:
             tiled = self.tile_cache.get(digests[-1]) if self.tile_cache is not None else None
             if tiled is None:
                 image_tiles, rows, cols = self.image_tiles(image)
-                tiled = TiledImage(image_tiles, rows, cols, sum(t.nbytes for t in image_tiles))
+                pixels = np.stack(image_tiles)  # every tile of one image has one size
+                pixels.flags.writeable = False
+                tiled = TiledImage(pixels, rows, cols)
                 if self.tile_cache is not None:
                     self.tile_cache.put(digests[-1], tiled)
-            tiles += tiled.tiles
-            counts.append(len(tiled.tiles))
+            tiled_images.append(tiled)
             expanded += [self.image_prompt(tiled.rows, tiled.cols), piece]
 
         ids = np.array([self.tokenizer.encode("".join(expanded)).ids], dtype=np.int64)
-        encoded = Encoded(ids, np.ones_like(ids), None, None, tuple(counts), tuple(digests))
-        if tiles:
-            batch = pad_images([tiles])
+        encoded = Encoded(ids, np.ones_like(ids), None, None, tuple(t.pixels for t in tiled_images), tuple(digests))
+        if tiled_images and pad:
+            batch = pad_images([[tile for t in tiled_images for tile in t.pixels]])
             encoded.pixel_values, encoded.pixel_attention_mask = batch["pixel_values"], batch["pixel_attention_mask"]
         return encoded
 

@@ -281,6 +281,12 @@ def test_a_tile_cache_tiles_a_repeated_image_once_with_the_same_inputs(real_fold
         np.testing.assert_array_equal(e.input_ids, expected.input_ids)
         np.testing.assert_array_equal(e.pixel_values, expected.pixel_values)
         assert e.image_digests == expected.image_digests and len(e.image_digests) == 1
+    # The server's form (pad=False): no padded batch, the same tiles, shared with the cache rather than copied.
+    unpadded = cached.encode(text, [make_image(512, 384, "RGB")], pad=False)
+    assert unpadded.pixel_values is None and unpadded.pixel_attention_mask is None
+    np.testing.assert_array_equal(unpadded.input_ids, expected.input_ids)
+    assert unpadded.image_pixels[0] is first.image_pixels[0] and not unpadded.image_pixels[0].flags.writeable
+    np.testing.assert_array_equal(unpadded.image_pixels[0], expected.pixel_values[0])
     cached.encode(text, [make_image(512, 384, "RGB", seed=1)])
     cached.pixel_dtype = np.float16
     assert cached.encode(text, [make_image(512, 384, "RGB")]).pixel_values.dtype == np.float16

@@ -33,7 +33,7 @@ def prepare(body, limits: ServeConfig, model_name: str, preprocessor: Preprocess
     """Validate the request (APIError when it is not valid), then its model inputs and its images' (key, tiles)."""
     prompt = validate(body, limits, model_name)
     text = preprocessor.render_chat(prompt.chat, add_generation_prompt=True)
-    encoded = preprocessor.encode(text, prompt.images)
+    encoded = preprocessor.encode(text, prompt.images, pad=False)  # the engine batches the tiles itself
     return prompt, encoded, image_parts(encoded, identity)
 
 
@@ -95,5 +95,5 @@ def _prepare_in_worker(body, pixel_dtype: str, identity: bytes) -> tuple[Prepare
     preprocessor, limits, model_name = _worker
     preprocessor.pixel_dtype = np.dtype(pixel_dtype)
     (prompt, encoded, parts), seconds = timed_prepare(body, limits, model_name, preprocessor, identity)
-    # What the engine reads: the ids and each image's tiles and key (parts), not the images or the padded batch.
-    return (replace(prompt, images=[]), replace(encoded, pixel_values=None, pixel_attention_mask=None), parts), seconds
+    # What the engine reads: the ids and each image's tiles and key (parts), not the decoded images.
+    return (replace(prompt, images=[]), encoded, parts), seconds

@@ -7,7 +7,7 @@ serve.max_prefill_tokens_per_step of prompt tokens (so the running rows get a de
 prefills; a first newcomer over it runs alone in its step) and within serve.max_kv_tokens of prompt + max_tokens
 over every request in flight (the first one that does not fit waits, and so do those behind it: no overtaking).
 
-`image_parts` turns a request's pixels into one (key, tiles) pair per image in the request's worker thread; the
+`image_parts` names each image of a request: one (key, tiles) pair per image, in the request's worker thread; the
 engine encodes the images that the image cache (`LRUCache`) lacks, of every newcomer, in one vision-encoder call.
 `prompt_key` names a whole prompt (its tokens and images) for the prompt cache (smolbox.serve.kv_decoder): a
 newcomer whose prompt is cached costs no prefill, so it counts no prompt tokens against the step's budget.
@@ -106,20 +106,12 @@ class Scheduler:
 
 
 def image_parts(encoded: Encoded, identity: bytes) -> list[tuple[bytes, np.ndarray]]:
-    """(key, tiles [n, 3, h, w]) for each image of a request, its tiles cut out of the request's zero padding. The
-    key is a blake2b hash of the export's identity and the image's digest (preprocess.image_digest: its decoded
-    pixels and the tiles' dtype, which with the export's preprocessing settings make the tiles), so an image sent
-    again (a later turn of a chat, a retry), in any request, has the same key."""
-    if encoded.pixel_values is None:
-        return []
-    pixels, masks, parts, start = encoded.pixel_values[0], encoded.pixel_attention_mask[0], [], 0
-    for count, digest in zip(encoded.image_tiles, encoded.image_digests, strict=True):
-        mask = masks[start]
-        height, width = int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum())
-        tiles = np.ascontiguousarray(pixels[start:start + count, :, :height, :width])
-        parts.append((hashlib.blake2b(identity + digest, digest_size=16).digest(), tiles))
-        start += count
-    return parts
+    """(key, tiles [n, 3, h, w]) for each image of a request (its Encoded.image_pixels, not copied). The key is a
+    blake2b hash of the export's identity and the image's digest (preprocess.image_digest: its decoded pixels and
+    the tiles' dtype, which with the export's preprocessing settings make the tiles), so an image sent again (a
+    later turn of a chat, a retry), in any request, has the same key."""
+    return [(hashlib.blake2b(identity + digest, digest_size=16).digest(), pixels)
+            for pixels, digest in zip(encoded.image_pixels, encoded.image_digests, strict=True)]
 
 
 def prompt_key(request: GenRequest) -> bytes:

@@ -187,18 +187,19 @@ def published_decoder_server(folder):
 
 
 @pytest.fixture(scope="module")
-def overlap_server(folder):
-    """serve.overlap_rows=true: rows take their tokens on a thread of their own while the next decode step runs."""
-    server = Server(folder, api_key=API_KEY, max_batch_size=8, batch_wait_ms=20, overlap_rows="true")
+def serial_rows_server(folder):
+    """serve.overlap_rows=false: the engine thread takes the rows' tokens between decode steps (the default takes them
+    on a thread of its own while the next decode step runs)."""
+    server = Server(folder, api_key=API_KEY, max_batch_size=8, batch_wait_ms=20, overlap_rows="false")
     yield server
     server.stop()
 
 
-@pytest.mark.parametrize("decoder", ["server", "published_decoder_server", "overlap_server"])
+@pytest.mark.parametrize("decoder", ["server", "published_decoder_server", "serial_rows_server"])
 def test_requests_join_and_leave_a_running_batch(request, decoder):
     """Continuous batching: requests of different lengths arriving while others decode get the answers they get
     alone, and joined the running batch (fewer prefill batches than requests) rather than waiting for it; with the
-    KV-slot decoder (the default), with the published one, and with the rows' work beside the decode step."""
+    KV-slot decoder (the default), with the published one, and with the rows' work between decode steps."""
     server = request.getfixturevalue(decoder)
     bodies = [chat(f"Describe picture {i}.", png((40 * i, 90, 200 - 30 * i), (30 + 8 * i, 36)), max_tokens=200 if i == 0 else 10 * i)
               for i in range(5)]
@@ -226,7 +227,7 @@ def test_requests_join_and_leave_a_running_batch(request, decoder):
     assert metric("smolbox_batch_joins_total") - joins_before >= 1, "no request joined a running batch"
 
 
-@pytest.mark.parametrize("decoder", ["server", "overlap_server"])
+@pytest.mark.parametrize("decoder", ["server", "serial_rows_server"])
 def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(request, decoder):
     server = request.getfixturevalue(decoder)
     body = chat("Say something.", png((10, 200, 10)), temperature=1.0, top_p=0.9, seed=42, max_tokens=10)

@@ -64,7 +64,7 @@ def test_vision_features_of_several_prompts_in_one_call_give_the_tokens_of_each_
 
     red, blue, wide = (Image.new("RGB", size, color) for size, color in (((48, 64), (200, 30, 30)), ((40, 40), (20, 20, 220)), ((96, 32), (10, 200, 90))))
     encoded = [prompt("Which colors?", red, wide), prompt("And this one?", blue), prompt("Again?", red)]
-    assert encoded[0].image_tiles and sum(encoded[0].image_tiles) == encoded[0].pixel_values.shape[1]
+    assert encoded[0].image_pixels and sum(map(len, encoded[0].image_pixels)) == encoded[0].pixel_values.shape[1]
 
     def greedy(step, steps=8):
         tokens = []
