@@ -4,10 +4,10 @@ in that many worker processes.
 
 Why processes: tiling an image is numpy and PIL work in Python, and threads of the server process share one GIL
 with the engine thread, which needs it back every time onnxruntime returns. A worker process has a GIL of its own;
-the server gets back the token ids and the images' tiles and keys (pickled: the decoded images and the padded pixel
-batch stay in the worker). On an H200 at 32 clients the gain was small (docs/benchmarks.md, lease 5): numpy and
-PIL release the GIL for most of that work, and the event loop, not preprocessing, held it most; so processes are
-off by default.
+the server gets back the token ids and the images' tiles and keys (pickled: the decoded images stay in the
+worker). On an H200 at 32 clients processes lost rate (docs/benchmarks.md, leases 5 and 12): numpy and PIL release
+the GIL for most of that work, the event loop holds it most, and each worker's tile cache starts cold; so processes
+are off by default.
 """
 
 from __future__ import annotations
