@@ -163,8 +163,7 @@ class Preprocessor:
         ids = np.array([self.tokenizer.encode("".join(expanded)).ids], dtype=np.int64)
         encoded = Encoded(ids, np.ones_like(ids), None, None, tuple(t.pixels for t in tiled_images), tuple(digests))
         if tiled_images and pad:
-            batch = pad_images([[tile for t in tiled_images for tile in t.pixels]])
-            encoded.pixel_values, encoded.pixel_attention_mask = batch["pixel_values"], batch["pixel_attention_mask"]
+            encoded.pixel_values, encoded.pixel_attention_mask = stack_tiles(encoded.image_pixels)
         return encoded
 
     def image_prompt(self, rows: int, cols: int) -> str:
@@ -254,6 +253,13 @@ def pad_batch(encodings: list[Encoded], pad_token_id: int) -> dict[str, np.ndarr
         masks = [[] if e.pixel_attention_mask is None else list(e.pixel_attention_mask[0]) for e in encodings]
         batch.update(pad_images(images, masks))
     return batch
+
+
+def stack_tiles(images: list[np.ndarray] | tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles of several images ([n, 3, h, w] each) as one vision-encoder input [1, N, 3, H, W], each zero-padded to
+    the largest height and width, and the mask of its real pixels [1, N, H, W]."""
+    batch = pad_images([[tile for image in images for tile in image]])
+    return batch["pixel_values"], batch["pixel_attention_mask"]
 
 
 def pad_images(images: list[list[np.ndarray]], masks: list[list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:

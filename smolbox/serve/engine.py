@@ -23,12 +23,12 @@ from tokenizers.decoders import DecodeStream
 
 from ..config import Config
 from ..onnx_layout import available_variants, graph_path
-from ..preprocess import Encoded, Preprocessor, pad_batch
+from ..preprocess import Encoded, Preprocessor, pad_batch, stack_tiles
 from ..runtime import OnnxVLM, Step, default_providers
 from .kv_decoder import load_runtime
 from .metrics import Metrics
 from .prepare import tiling_preprocessor
-from .scheduler import LRUCache, Scheduler, prompt_key, stack_tiles
+from .scheduler import LRUCache, Scheduler, prompt_key
 
 log = logging.getLogger("smolbox.serve")
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..config import ServeConfig
-from ..preprocess import Encoded, pad_images
+from ..preprocess import Encoded
 
 if TYPE_CHECKING:
     from .engine import GenRequest
@@ -125,13 +125,6 @@ def prompt_key(request: GenRequest) -> bytes:
             digest.update(key)
         request.prompt_key = digest.digest()
     return request.prompt_key
-
-
-def stack_tiles(tiles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Tiles of several images ([n, 3, h, w] each) as one vision-encoder input [1, N, 3, H, W], each zero-padded to
-    the largest height and width, and the mask of its real pixels [1, N, H, W]."""
-    batch = pad_images([[tile for image in tiles for tile in image]])
-    return batch["pixel_values"], batch["pixel_attention_mask"]
 
 
 class LRUCache:

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from smolbox.config import ServeConfig
-from smolbox.preprocess import Preprocessor
+from smolbox.preprocess import Preprocessor, stack_tiles
 from smolbox.runtime import OnnxVLM
-from smolbox.serve.scheduler import LRUCache, image_parts, plan, stack_tiles
+from smolbox.serve.scheduler import LRUCache, image_parts, plan
 
 
 def limits(**values) -> ServeConfig:
