@@ -29,6 +29,12 @@
 #                                          side by side (max |dloss|), speed and peak memory; ~8 min when /tmp/rs exists
 #                                          (run `prepare` first on a fresh machine; cut STEPS if the call runs short)
 #   bash bench/gpu_machine_session.sh train6       lowmem, lowmem:compile and default:norm-cache (or TRAIN_VARIANTS), STEPS (5) steps each
+#   bash bench/gpu_machine_session.sh train7a      issue #16: default, STEPS (50) steps of GLOBAL_BATCH (16) pairs, the curve kept in
+#                                          /tmp/keep for train7b, after bench/train_profile.py of default with train.compile
+#   bash bench/gpu_machine_session.sh train7b      (the next call) default:compile (or TRAIN_VARIANTS) against train7a's curve
+#   bash bench/gpu_machine_session.sh train8a      issue #16: bench/attention_bench.py, then default:compile against
+#                                          default:compile:cudnn, STEPS (15) steps each (train7b with TRAIN_VARIANTS and
+#                                          BASELINE=docs/results/2026-12-01-h200-d/lease14_train7a.json for the 50-step curve)
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 #   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
@@ -167,6 +173,30 @@ case "${1:?stage}" in
     # shellcheck disable=SC2086  # TRAIN_VARIANTS: a space-separated list (VARIANTS above is the export's)
     python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-5}" --variants ${TRAIN_VARIANTS:-lowmem lowmem:compile default:norm-cache} \
       --json "$OUT/${JSON:-train6}.json" 2>&1 | grep -vE "Warn|warn" | tail -10
+    ;;
+  train7a)
+    # issue #16, eager rounding in the compiled blocks, first call: the eager curve (kept on the machine for train7b),
+    # then where a compiled step's GPU time goes
+    python -m bench.train_profile --root /tmp/rs --micro-batch 16 --set train.compile=true \
+      --out "$OUT/profile_compile.txt" --json "$OUT/profile_compile.json" 2>&1 | tail -16
+    mkdir -p /tmp/keep
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-50}" --global-batch "${GLOBAL_BATCH:-16}" \
+      --variants default --json /tmp/keep/train7a.json 2>&1 | grep -vE "Warn|warn" | tail -5
+    cp /tmp/keep/train7a.json "$OUT/"
+    ;;
+  train7b)
+    # second call: the compiled blocks (eager rounding, the default of train.compile) against train7a's eager curve
+    # shellcheck disable=SC2086
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-50}" --global-batch "${GLOBAL_BATCH:-16}" \
+      --baseline "${BASELINE:-/tmp/keep/train7a.json}" --variants ${TRAIN_VARIANTS:-default:compile} \
+      --json "$OUT/${JSON:-train7b}.json" 2>&1 | grep -vE "Warn|warn" | tail -9
+    ;;
+  train8a)
+    # issue #16, cuDNN attention: the kernels alone (bench/attention_bench.py), then default:compile with and
+    # without train.cudnn_attention, STEPS (15) steps each, side by side
+    python -m bench.attention_bench --json "$OUT/attention.json" 2>&1 | grep -v "^{" | tail -12
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-15}" --global-batch "${GLOBAL_BATCH:-16}" \
+      --variants default:compile default:compile:cudnn --json "$OUT/train8a.json" 2>&1 | grep -vE "Warn|warn" | tail -8
     ;;
   e2e-multi)
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')

@@ -30,7 +30,13 @@ Variants:
   <name>:norm-cache adapter.dora_norm_cache on: DoRA's weight norm once per optimizer step, not per forward
   <name>:dora-bias  adapter.fused_dora_bias on: the fused DoRA forward on the vision tower's q/k/v (they have a
                     bias, so they take peft's ~7-pass forward otherwise)
+  <name>:fp32-fused with :compile, train.compile_eager_rounding off: inductor keeps a fused kernel's intermediates
+                    in fp32 instead of rounding them to bf16 where eager does
+  <name>:cudnn      train.cudnn_attention on: PyTorch's cuDNN attention kernels first (vision and packed text)
 Modifiers combine: default:compile:dora-bias:norm-cache is all three on.
+
+`--baseline earlier.json` puts the rows of an earlier run (another call on the same machine) first: the loss curves
+are compared with its first variant, as if it had run in this one, and the written JSON holds them too.
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ VARIANTS = {
 SWITCHES = {"peft-dora": ("adapter.fused_dora", False), "precompute": ("train.precompute_ref_logps", True),
             "no-precompute": ("train.precompute_ref_logps", False), "unpacked": ("train.pack_pairs", False),
             "compile": ("train.compile", True), "norm-cache": ("adapter.dora_norm_cache", True),
-            "dora-bias": ("adapter.fused_dora_bias", True)}
+            "dora-bias": ("adapter.fused_dora_bias", True),
+            "fp32-fused": ("train.compile_eager_rounding", False), "cudnn": ("train.cudnn_attention", True)}
 RECIPE_ACCUMULATION = 4  # the recipe's 32, reduced for time; micro-batch 1 as in the recipe
 RECIPE_PAIRS = 4738  # train[:6%] of rlaif-v_formatted (../shared/RECIPE.md)
 
@@ -325,6 +332,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is warm-up)")
     parser.add_argument("--global-batch", type=int, default=None, help="pairs a step for every smolbox variant")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--baseline", type=Path, default=None, help="an earlier run's JSON: its rows go first")
     parser.add_argument("--cpu", action="store_true", help="smoke test on CPU (fp32, no bf16)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -332,7 +340,10 @@ def main() -> None:
     if args.child:
         child(args.child, args.root, args.steps, args.workdir, args.cpu, args.global_batch)
         return
-    rows = []
+    rows = json.loads(args.baseline.read_text()) if args.baseline else []
+    for row in rows:
+        row.setdefault("from", str(args.baseline))
+    comparison = loss_comparison(rows)
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         for name in args.variants:
             world = int(name.split("@")[1]) if "@" in name else 1

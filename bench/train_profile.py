@@ -1,23 +1,74 @@
-"""Where a smolbox training micro-batch spends its time: torch.profiler over a few optimizer steps of a config on
-the real-shape model (bench/real_shapes.py). Prints the top operators by self CUDA time and by self CPU time.
+"""Where a smolbox training step spends its time: torch.profiler over two optimizer steps of a config on the
+real-shape model (bench/real_shapes.py), after two warm-up steps. Prints the GPU time by kind of kernel (matrix
+products, attention, NF4 dequantization, fused Triton kernels, other elementwise work), how much of the wall time
+the GPU was busy, then the top operators by self CUDA time and by self CPU time.
 
-    python -m bench.train_profile --root /tmp/rs [--config default] [--micro-batch 4] [--workers 4] [--out prof.txt]
+    python -m bench.real_shapes --out /tmp/rs
+    python -m bench.train_profile --root /tmp/rs [--config default] [--micro-batch 16] [--workers 8] \\
+        [--set train.compile=true ...] [--out prof.txt] [--json prof.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+import time
 from pathlib import Path
+
+# Kernel name fragments -> kind, first match wins (CUDA kernel names of torch 2.11 / cuBLAS / bitsandbytes / inductor).
+KINDS = (
+    ("attention", ("flash", "fmha", "attention", "cutlass_sm90_fmha", "efficient_attention")),
+    ("nf4 dequantize", ("kdequantize", "dequantize")),
+    ("matrix product", ("gemm", "sm90_xmma", "cutlass", "cublas", "nvjet", "ampere_bf16", "wgrad", "dgrad")),
+    ("fused (inductor)", ("triton_",)),
+    ("copy / cast", ("copy", "memcpy", "to_copy", "cast")),
+    ("reduction / norm", ("reduce", "norm", "softmax", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "fill", "index", "cat")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, fragments in KINDS if any(f in low for f in fragments)), "other")
+
+
+def kernel_summary(prof, wall_s: float) -> dict:
+    """GPU time by kernel kind over the profiled steps, and the GPU's busy share of their wall time."""
+    by_kind: dict[str, float] = {}
+    spans = []
+    for event in prof.events():
+        if str(event.device_type).endswith("CUDA") and event.device_time_total > 0:
+            by_kind[kind_of(event.name)] = by_kind.get(kind_of(event.name), 0.0) + event.device_time_total / 1e6
+            start = event.time_range.start / 1e6
+            spans.append((start, start + event.device_time_total / 1e6))
+    busy, end = 0.0, float("-inf")  # union of the kernels' intervals: streams overlap
+    for start, stop in sorted(spans):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    total = sum(by_kind.values())
+    return {"wall_s": wall_s, "gpu_busy_s": busy, "gpu_busy_share": busy / wall_s if wall_s else None,
+            "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])), "kernel_s_total": total}
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return overrides
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--config", default="default")
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (train.compile=true)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     import torch
@@ -28,33 +79,50 @@ def main() -> None:
     from smolbox.train import train
 
     state = {}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     class Profile(TrainerCallback):
         def on_step_end(self, a, s, control, **kw):
-            if s.global_step == 2:  # steps 3 and 4 are profiled; 1 and 2 warm up
-                torch.cuda.synchronize()
+            if s.global_step == 2:  # steps 3 and 4 are profiled; 1 and 2 warm up (and compile, with train.compile)
+                sync()
                 state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 state["prof"].__enter__()
+                state["t0"] = time.perf_counter()
             elif s.global_step == 4:
-                torch.cuda.synchronize()
+                sync()
+                state["wall_s"] = time.perf_counter() - state["t0"]
                 state["prof"].__exit__(None, None, None)
 
+    overrides = {
+        "model.id": str(args.root / "model"), "data.id": str(args.root / "data"), "data.train_split": "train",
+        "data.eval_split": None, "data.num_proc": 1, "train.max_steps": 4, "train.logging_steps": 1,
+        "train.save_steps": 100000, "train.global_batch_size": args.micro_batch,
+        "train.per_device_train_batch_size": args.micro_batch, "train.dataloader_num_workers": args.workers,
+        "run.min_free_disk_gb": 0, **parse_sets(args.set)}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(args.config, overrides={
-            "model.id": str(args.root / "model"), "data.id": str(args.root / "data"), "data.train_split": "train",
-            "data.eval_split": None, "data.num_proc": 1, "train.max_steps": 4, "train.logging_steps": 1,
-            "train.save_steps": 100000, "train.global_batch_size": args.micro_batch,
-            "train.per_device_train_batch_size": args.micro_batch, "train.dataloader_num_workers": args.workers,
-            "run.output_dir": tmp, "run.name": "profile", "run.min_free_disk_gb": 0,
-        }, env={}, dotenv=None)
+        cfg = load_config(args.config, overrides={**overrides, "run.output_dir": tmp, "run.name": "profile"},
+                          env={}, dotenv=None)
         train(cfg, callbacks=[Profile()])
-    averages = state["prof"].key_averages()
-    text = (f"2 optimizer steps of {args.micro_batch} pairs ({args.config}, workers {args.workers})\n"
-            + averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
-            + "\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    prof = state["prof"]
+    summary = {"config": args.config, "micro_batch": args.micro_batch, "workers": args.workers, "overrides": args.set,
+               "steps_profiled": 2, "pairs_per_s": 2 * args.micro_batch / state["wall_s"],
+               **kernel_summary(prof, state["wall_s"])}
+    averages = prof.key_averages()
+    lines = [f"2 optimizer steps of {args.micro_batch} pairs ({args.config} {' '.join(args.set)}, workers {args.workers}):"
+             f" {state['wall_s']:.2f} s wall, {summary['pairs_per_s']:.2f} pairs/s, GPU busy {summary['gpu_busy_s']:.2f} s"
+             f" ({100 * summary['gpu_busy_share']:.0f}%)", "| kernel kind | GPU s | share |", "|---|---|---|"]
+    for kind, seconds in summary["kernel_s_by_kind"].items():
+        lines.append(f"| {kind} | {seconds:.3f} | {100 * seconds / summary['kernel_s_total']:.1f}% |")
+    text = (averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=80)
+            + "\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80)
+            + "\n" + "\n".join(lines) + "\n")
     if args.out:
         args.out.write_text(text)
-    print(text[-9000:])
+    if args.json:
+        summary["top_cuda_ops"] = [{"name": e.key, "self_device_s": e.self_device_time_total / 1e6, "calls": e.count}
+                                   for e in sorted(averages, key=lambda e: -e.self_device_time_total)[:60]]
+        args.json.write_text(json.dumps(summary, indent=1))
+    print(text[-7000:])
 
 
 if __name__ == "__main__":

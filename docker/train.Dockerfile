@@ -80,9 +80,13 @@ ARG UID=1000
 ARG GID=1000
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# gcc, g++ and python3.11-dev: train.compile (on in default.yaml and lowmem.yaml) generates code at the first step,
+# Triton kernels on CUDA, whose launcher is built with a C compiler against Python's headers, and C++ on CPU
+# (smolbox verify checks for them).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.11 ca-certificates \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.11 python3.11-dev gcc g++ \
+      ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid "${GID}" smolbox \
  && useradd --no-log-init --create-home --uid "${UID}" --gid "${GID}" --shell /bin/bash smolbox \

@@ -106,6 +106,11 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile each repeated block (SigLIP encoder and Llama decoder layers) in place: "
                                              "the same function, its elementwise ops fused (smolbox.train.compile)")
     compile_backend: str = Field("inductor", description="torch.compile backend for train.compile (aot_eager: capture without code generation)")
+    compile_eager_rounding: bool = Field(True, description="train.compile rounds each fused intermediate to the model dtype where eager "
+                                                            "would (inductor's emulate_precision_casts): compiled and eager losses then "
+                                                            "differ by kernel noise, not by fp32-kept intermediates")
+    cudnn_attention: bool = Field(False, description="CUDA: PyTorch's cuDNN attention kernels first, for the vision tower and the packed "
+                                                     "text (faster on Hopper; each new shape builds a plan on the CPU)")
     precompute_ref_logps: bool = Field(False, description="Reference log-probs in one pass before training instead of in every step (the reference is fixed: same loss)")
     seed: int = Field(42, description="Seed for weights init, data order and sampling")
     ddp_timeout_s: int = Field(

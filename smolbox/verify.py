@@ -350,6 +350,33 @@ def _check_attention(t: _Target) -> Check:
     return Check("attention", "ok", f"{implementation}: {reason}")
 
 
+_COMPILE_FIX = ("install a C compiler and Python's headers (Debian/Ubuntu: apt-get install gcc g++ python3.11-dev; "
+                "the smolbox train image has them), or set train.compile=false")
+
+
+def _check_compile(t: _Target) -> Check:
+    """train.compile with inductor generates code when the first step runs: Triton kernels on CUDA, whose launcher
+    is built with a C compiler against Python's headers, or C++ on CPU. Without them step 1 fails after the model
+    has loaded and the reference pass has run."""
+    train = t.cfg.train
+    if not train.compile:
+        return Check("compile", "skip", "train.compile is off")
+    if train.compile_backend != "inductor":
+        return Check("compile", "ok", f"train.compile with backend {train.compile_backend}: no code generation")
+    import sysconfig
+
+    if t.device == "cuda":
+        kind, compiler = "C", os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")
+    else:
+        kind, compiler = "C++", os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    missing = ([f"no {kind} compiler"] if not compiler else []) + ([f"no {header}"] if not header.exists() else [])
+    if missing:
+        return Check("compile", "fail", f"train.compile generates {'Triton' if t.device == 'cuda' else 'C++'} code at "
+                                        f"the first step: {', '.join(missing)}", _COMPILE_FIX)
+    return Check("compile", "ok", f"inductor on {t.device}: {kind} compiler {compiler}, {header.parent}")
+
+
 def _check_disk(t: _Target) -> Check:
     out = Path(t.cfg.run.output_dir).expanduser().absolute()
     need = t.cfg.run.min_free_disk_gb
@@ -568,6 +595,7 @@ _CHECKS: list[tuple[str, Callable[[_Target], Check], str]] = [
     ("bf16", _check_bf16, "set train.bf16=false and use float32/float16 dtypes"),
     ("bitsandbytes 4-bit", _check_bitsandbytes, _BNB_FIX),
     ("attention", _check_attention, "set model.attn_implementation=sdpa"),
+    ("compile", _check_compile, _COMPILE_FIX),
     ("disk", _check_disk, "set run.output_dir to a writable folder with enough free space"),
     ("hf cache", _check_hf_cache, "set run.hf_cache (or HF_HOME) to a writable folder"),
     ("model", _check_model, "point model.id at builtin:tiny, a local folder with config.json, or a hub id (org/name)"),

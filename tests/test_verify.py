@@ -20,7 +20,7 @@ from smolbox.verify import Check, verify
 
 NAMES = [
     "python", "torch", "cuda", "driver", "gpu", "gpu count", "global batch", "nccl", "shared memory", "rendezvous",
-    "bf16", "bitsandbytes 4-bit", "attention", "disk", "hf cache",
+    "bf16", "bitsandbytes 4-bit", "attention", "compile", "disk", "hf cache",
     "model", "data set", "lock",
 ]
 HUB_MODEL = "HuggingFaceTB/SmolVLM-Instruct"
@@ -110,6 +110,22 @@ def test_bf16_training_on_cpu_fails(tmp_path):
     assert bf16.status == "fail"
     assert "train.bf16=false" in bf16.fix
     assert not report.ok
+
+
+def test_compile_needs_a_compiler_and_python_headers(tmp_path, monkeypatch):
+    assert check(verify(tiny_cfg(tmp_path)), "compile").status == "skip"  # tiny.yaml: train.compile off
+    report = verify(tiny_cfg(tmp_path, {"train.compile": True}))
+    assert check(report, "compile").status == "ok", check(report, "compile")  # this machine builds inductor's C++
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("CXX", raising=False)
+    report = verify(tiny_cfg(tmp_path, {"train.compile": True}))
+    assert_well_formed(report)
+    compile_check = check(report, "compile")
+    assert compile_check.status == "fail" and "no C++ compiler" in compile_check.detail
+    assert "train.compile=false" in compile_check.fix and not report.ok
+    assert check(verify(tiny_cfg(tmp_path, {"train.compile": True, "train.compile_backend": "aot_eager"})), "compile").status == "ok"
 
 
 def test_lock_mismatch_fails_naming_the_package(tmp_path):

@@ -26,8 +26,11 @@ block (the same graph serves with checkpointing off).
 What it buys: the elementwise work between the matrix products (norms, residual adds, the MLP's activation and
 gate, rotary embeddings, DoRA's scale after its `addmm`) fused into fewer kernels; a profile of the eager step at
 micro-batch 16 spends more GPU time in `mul`/`add`/`copy_` kernels than in matrix products (docs/benchmarks.md).
-The function computed is the same; inductor's fused kernels may round intermediate bf16 values differently
-(it keeps them in fp32 inside a fused kernel), which is the only difference (tests/train/test_compile.py).
+The function computed is the same. Left alone, inductor keeps a fused kernel's intermediates in fp32 where eager
+rounds each op's output to bf16; on the real-shape model that moved a 50-step loss curve ~3.6x further from eager
+than two eager runs are from each other (docs/benchmarks.md, lease 3). `train.compile_eager_rounding` (on) sets
+inductor's `emulate_precision_casts`, which rounds at the same places eager does, so the remaining difference is
+the kernels' own (summation order), as between two eager runs (tests/train/test_compile.py).
 
 How it fits with the rest:
 - bitsandbytes 0.50: its 4-bit kernels are `torch.library` custom ops with fake implementations
@@ -54,18 +57,20 @@ from __future__ import annotations
 import torch
 
 RECOMPILE_LIMIT = 32  # per code object: each block class sees train / eval x adapters on / off
-_COMPILED_CLASSES: dict[tuple[type, str], type] = {}  # (block class, backend) -> its compiled subclass
+_COMPILED_CLASSES: dict[tuple[type, str, bool], type] = {}  # (block class, backend, eager rounding) -> compiled subclass
 
 
-def compiled_class(cls: type, backend: str) -> type:
+def compiled_class(cls: type, backend: str, eager_rounding: bool = True) -> type:
     """The subclass of block class `cls` whose forward is `torch.compile` of `cls`'s own forward, made once per
-    (class, backend): every block of the class calls the one compiled function, so they share its graphs. transformers
-    wraps this forward in its checkpoint as it wraps any subclass's, and only the outermost wrapper checkpoints: the
-    checkpoint calls the compiled function from outside."""
-    key = (cls, backend)
+    (class, backend, rounding): every block of the class calls the one compiled function, so they share its graphs.
+    transformers wraps this forward in its checkpoint as it wraps any subclass's, and only the outermost wrapper
+    checkpoints: the checkpoint calls the compiled function from outside. `eager_rounding` (inductor only) makes
+    the fused kernels round each intermediate to bf16 where eager's separate kernels do."""
+    key = (cls, backend, eager_rounding)
     if key not in _COMPILED_CLASSES:
+        options = {"emulate_precision_casts": eager_rounding} if backend == "inductor" else None
         # `cls.forward` is transformers' checkpoint wrapper (functools.wraps): the layer's own forward is under it
-        compiled = torch.compile(cls.forward.__wrapped__, backend=backend, dynamic=True)
+        compiled = torch.compile(cls.forward.__wrapped__, backend=backend, dynamic=True, options=options)
 
         def forward(self, *args, **kwargs):
             return compiled(self, *args, **kwargs)
@@ -74,7 +79,7 @@ def compiled_class(cls: type, backend: str) -> type:
     return _COMPILED_CLASSES[key]
 
 
-def compile_blocks(model, backend: str = "inductor") -> int:
+def compile_blocks(model, backend: str = "inductor", eager_rounding: bool = True) -> int:
     """Compile every repeated transformer block of `model` in place; returns how many blocks."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -86,5 +91,5 @@ def compile_blocks(model, backend: str = "inductor") -> int:
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for block in blocks:
         eager = getattr(type(block), "_eager_class", type(block))  # compiling twice keeps one level
-        block.__class__ = compiled_class(eager, backend)
+        block.__class__ = compiled_class(eager, backend, eager_rounding)
     return len(blocks)

@@ -12,12 +12,13 @@ runs/<name>/
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback, set_seed
 
 from .. import logs, tiny
@@ -83,7 +84,6 @@ def train(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> TrainR
 
 def _run(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from: str | None, manifest: dict,
          callbacks: list) -> TrainResult:
-    world = distributed.world()
     attn, attn_reason = resolve_attention(cfg, device)
     log.info("device: %s; attention: %s (%s)", device, attn, attn_reason)
     log.info("batch: %d pairs a step = %d process(es) x micro-batch %d x accumulation %d",
@@ -93,12 +93,32 @@ def _run(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from: 
                     distributed=jobs, batch={"global": plan.pairs_per_step, "micro_batch": plan.micro_batch,
                                              "accumulation": plan.accumulation, "processes": plan.processes})
     set_seed(cfg.train.seed)
-    if device == "cuda":
-        # PyTorch's cuDNN attention backend rebuilds its execution plan on the CPU for every new shape (sequence
-        # lengths vary per batch), which made training CPU-bound; flash / memory-efficient attention compute the
-        # same function without that cost (docs/benchmarks.md, "cuDNN attention off").
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    with attention_kernels(cfg, device):
+        return _train(cfg, run_dir, device, plan, resume_from, manifest, callbacks, attn)
 
+
+def attention_kernels(cfg: Config, device: str):
+    """The scaled-dot-product attention backends a CUDA run may use, for the length of the run.
+
+    train.cudnn_attention: PyTorch's cuDNN kernels first. On an H200 they ran the vision tower's attention (729
+    patches, head dim 72, which flash attention pads to 96) and the packed pairs' masked text attention in about
+    0.6 and 0.4 of the time of flash and memory-efficient attention (docs/benchmarks.md, issue #16). Off: cuDNN
+    is left out, as before: it builds an execution plan on the CPU for each new shape, which at micro-batch 4
+    made training CPU-bound (docs/benchmarks.md, "cuDNN attention off"). The backends are global settings, so the
+    checkpointed recompute in the backward pass uses the same kernels as the forward."""
+    if device != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if cfg.train.cudnn_attention:
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *rest], set_priority=True)
+    return sdpa_kernel(rest)
+
+
+def _train(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from: str | None, manifest: dict,
+           callbacks: list, attn: str) -> TrainResult:
+    world = distributed.world()
     with distributed.local_main_first():  # one process per host builds the tiny bundle and the data caches
         model_path = tiny.resolve(cfg.model.id, "model")
         processor = load_processor(model_path, cfg, revision=cfg.model.revision)

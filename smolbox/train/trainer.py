@@ -200,5 +200,7 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
     if t.compile:
         from .compile import compile_blocks
 
-        log.info("train: torch.compile (%s) on %d blocks", t.compile_backend, compile_blocks(trainer.model, t.compile_backend))
+        blocks = compile_blocks(trainer.model, t.compile_backend, eager_rounding=t.compile_eager_rounding)
+        rounding = ", eager rounding" if t.compile_eager_rounding and t.compile_backend == "inductor" else ""
+        log.info("train: torch.compile (%s%s) on %d blocks", t.compile_backend, rounding, blocks)
     return trainer
