@@ -35,6 +35,8 @@
 #   bash bench/gpu_machine_session.sh train8a      issue #16: bench/attention_bench.py, then default:compile against
 #                                          default:compile:cudnn, STEPS (15) steps each (train7b with TRAIN_VARIANTS and
 #                                          BASELINE=docs/results/2026-12-01-h200-d/lease14_train7a.json for the 50-step curve)
+#   bash bench/gpu_machine_session.sh train9       issue #16: default:compile against default:compile:cudnn-vision (or
+#                                          TRAIN_VARIANTS), STEPS (20) steps each
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 #   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
@@ -197,6 +199,14 @@ case "${1:?stage}" in
     python -m bench.attention_bench --json "$OUT/attention.json" 2>&1 | grep -v "^{" | tail -12
     python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-15}" --global-batch "${GLOBAL_BATCH:-16}" \
       --variants default:compile default:compile:cudnn --json "$OUT/train8a.json" 2>&1 | grep -vE "Warn|warn" | tail -8
+    ;;
+  train9)
+    # issue #16, cuDNN attention in the vision tower only: default:compile against default:compile:cudnn-vision
+    # (or TRAIN_VARIANTS), STEPS (20) steps each, side by side
+    # shellcheck disable=SC2086
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-20}" --global-batch "${GLOBAL_BATCH:-16}" \
+      --variants ${TRAIN_VARIANTS:-default:compile default:compile:cudnn-vision} --json "$OUT/${JSON:-train9}.json" \
+      2>&1 | grep -vE "Warn|warn" | tail -8
     ;;
   e2e-multi)
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')

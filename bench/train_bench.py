@@ -32,7 +32,8 @@ Variants:
                     bias, so they take peft's ~7-pass forward otherwise)
   <name>:fp32-fused with :compile, train.compile_eager_rounding off: inductor keeps a fused kernel's intermediates
                     in fp32 instead of rounding them to bf16 where eager does
-  <name>:cudnn      train.cudnn_attention on: PyTorch's cuDNN attention kernels first (vision and packed text)
+  <name>:cudnn      train.cudnn_attention=all: PyTorch's cuDNN attention kernels first (vision and packed text)
+  <name>:cudnn-vision  train.cudnn_attention=vision: cuDNN first in the vision tower's blocks only
 Modifiers combine: default:compile:dora-bias:norm-cache is all three on.
 
 `--baseline earlier.json` puts the rows of an earlier run (another call on the same machine) first: the loss curves
@@ -77,7 +78,8 @@ SWITCHES = {"peft-dora": ("adapter.fused_dora", False), "precompute": ("train.pr
             "no-precompute": ("train.precompute_ref_logps", False), "unpacked": ("train.pack_pairs", False),
             "compile": ("train.compile", True), "norm-cache": ("adapter.dora_norm_cache", True),
             "dora-bias": ("adapter.fused_dora_bias", True),
-            "fp32-fused": ("train.compile_eager_rounding", False), "cudnn": ("train.cudnn_attention", True)}
+            "fp32-fused": ("train.compile_eager_rounding", False), "cudnn": ("train.cudnn_attention", "all"),
+            "cudnn-vision": ("train.cudnn_attention", "vision")}
 RECIPE_ACCUMULATION = 4  # the recipe's 32, reduced for time; micro-batch 1 as in the recipe
 RECIPE_PAIRS = 4738  # train[:6%] of rlaif-v_formatted (../shared/RECIPE.md)
 

@@ -109,8 +109,9 @@ class TrainConfig(_Section):
     compile_eager_rounding: bool = Field(True, description="train.compile rounds each fused intermediate to the model dtype where eager "
                                                             "would (inductor's emulate_precision_casts): compiled and eager losses then "
                                                             "differ by kernel noise, not by fp32-kept intermediates")
-    cudnn_attention: bool = Field(False, description="CUDA: PyTorch's cuDNN attention kernels first, for the vision tower and the packed "
-                                                     "text (faster on Hopper; each new shape builds a plan on the CPU)")
+    cudnn_attention: Literal["off", "vision", "all"] = Field(
+        "off", description="CUDA: PyTorch's cuDNN attention kernels first: in the vision tower's blocks (vision) or "
+                           "everywhere (all); faster on Hopper, but each new shape builds a plan on the CPU (smolbox.train.attention)")
     precompute_ref_logps: bool = Field(False, description="Reference log-probs in one pass before training instead of in every step (the reference is fixed: same loss)")
     seed: int = Field(42, description="Seed for weights init, data order and sampling")
     ddp_timeout_s: int = Field(

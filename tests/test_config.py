@@ -106,7 +106,7 @@ NOT_WEIGHTS = {
     "train.logging_steps": 5, "train.eval_steps": 3, "train.save_steps": 7, "train.save_total_limit": None,
     "train.dataloader_num_workers": 2, "train.precompute_ref_logps": True, "train.pack_pairs": False,
     "train.report_to": ["tensorboard"], "train.ddp_timeout_s": 60, "train.compile": True, "train.compile_backend": "aot_eager",
-    "train.compile_eager_rounding": False, "train.cudnn_attention": True,
+    "train.compile_eager_rounding": False, "train.cudnn_attention": "vision",
     "adapter.fused_dora_bias": True, "adapter.dora_norm_cache": True,
     "run.name": "elsewhere", "run.output_dir": "/somewhere/else", "run.device": "auto", "run.resume": "never",
     "run.hf_cache": "/cache", "run.min_free_disk_gb": 1.0,

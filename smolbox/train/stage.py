@@ -12,8 +12,6 @@ runs/<name>/
 
 from __future__ import annotations
 
-import contextlib
-
 import logging
 import sys
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from ..config import Config
 from ..env import device_description, resolve_attention, resolve_device
 from ..manifest import now, write_json_atomic
 from ..models import load_base, load_processor
-from . import distributed
+from . import attention, distributed
 from .batches import BatchPlan, plan_batches
 from .data import load_preference_data
 from .progress import use_console_progress
@@ -93,27 +91,8 @@ def _run(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from: 
                     distributed=jobs, batch={"global": plan.pairs_per_step, "micro_batch": plan.micro_batch,
                                              "accumulation": plan.accumulation, "processes": plan.processes})
     set_seed(cfg.train.seed)
-    with attention_kernels(cfg, device):
+    with attention.run_backends(cfg.train.cudnn_attention, device):
         return _train(cfg, run_dir, device, plan, resume_from, manifest, callbacks, attn)
-
-
-def attention_kernels(cfg: Config, device: str):
-    """The scaled-dot-product attention backends a CUDA run may use, for the length of the run.
-
-    train.cudnn_attention: PyTorch's cuDNN kernels first. On an H200 they ran the vision tower's attention (729
-    patches, head dim 72, which flash attention pads to 96) and the packed pairs' masked text attention in about
-    0.6 and 0.4 of the time of flash and memory-efficient attention (docs/benchmarks.md, issue #16). Off: cuDNN
-    is left out, as before: it builds an execution plan on the CPU for each new shape, which at micro-batch 4
-    made training CPU-bound (docs/benchmarks.md, "cuDNN attention off"). The backends are global settings, so the
-    checkpointed recompute in the backward pass uses the same kernels as the forward."""
-    if device != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if cfg.train.cudnn_attention:
-        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *rest], set_priority=True)
-    return sdpa_kernel(rest)
 
 
 def _train(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from: str | None, manifest: dict,
@@ -130,6 +109,9 @@ def _train(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from
 
     model = load_base(cfg, device, attn, model_path, gpu=world.local_rank)
     trainer = build_trainer(cfg, run_dir, device, model, processor, train_split.dataset, eval_split and eval_split.dataset, plan)
+    if device == "cuda" and cfg.train.cudnn_attention == "vision":
+        done = attention.cudnn_in_vision(trainer.model)
+        log.info("train: cuDNN attention first in the vision tower: %s", "yes" if done else "no (not sdpa)")
     use_console_progress(trainer)  # one compact metrics line per logging step; bars only on a terminal
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from:
