@@ -35,8 +35,8 @@
 #   bash bench/gpu_machine_session.sh train8a      issue #16: bench/attention_bench.py, then default:compile against
 #                                          default:compile:cudnn, STEPS (15) steps each (train7b with TRAIN_VARIANTS and
 #                                          BASELINE=docs/results/2026-12-01-h200-d/lease14_train7a.json for the 50-step curve)
-#   bash bench/gpu_machine_session.sh train9       issue #16: default:compile against default:compile:cudnn-vision (or
-#                                          TRAIN_VARIANTS), STEPS (20) steps each
+#   bash bench/gpu_machine_session.sh train9       issue #16: default:compile against default:compile:cudnn-vision and
+#                                          default:compile:cudnn (rows padded to 64) (or TRAIN_VARIANTS), STEPS (20) steps each
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 #   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
@@ -201,11 +201,11 @@ case "${1:?stage}" in
       --variants default:compile default:compile:cudnn --json "$OUT/train8a.json" 2>&1 | grep -vE "Warn|warn" | tail -8
     ;;
   train9)
-    # issue #16, cuDNN attention in the vision tower only: default:compile against default:compile:cudnn-vision
-    # (or TRAIN_VARIANTS), STEPS (20) steps each, side by side
+    # issue #16, cuDNN attention: default:compile against cuDNN in the vision tower only and everywhere (packed
+    # rows padded to 64 tokens) (or TRAIN_VARIANTS), STEPS (20) steps each, side by side
     # shellcheck disable=SC2086
     python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-20}" --global-batch "${GLOBAL_BATCH:-16}" \
-      --variants ${TRAIN_VARIANTS:-default:compile default:compile:cudnn-vision} --json "$OUT/${JSON:-train9}.json" \
+      --variants ${TRAIN_VARIANTS:-default:compile default:compile:cudnn-vision default:compile:cudnn} --json "$OUT/${JSON:-train9}.json" \
       2>&1 | grep -vE "Warn|warn" | tail -8
     ;;
   e2e-multi)

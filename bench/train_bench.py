@@ -32,7 +32,8 @@ Variants:
                     bias, so they take peft's ~7-pass forward otherwise)
   <name>:fp32-fused with :compile, train.compile_eager_rounding off: inductor keeps a fused kernel's intermediates
                     in fp32 instead of rounding them to bf16 where eager does
-  <name>:cudnn      train.cudnn_attention=all: PyTorch's cuDNN attention kernels first (vision and packed text)
+  <name>:cudnn      train.cudnn_attention=all: PyTorch's cuDNN attention kernels first (vision and packed text;
+                    the packed rows padded to a multiple of 64 tokens)
   <name>:cudnn-vision  train.cudnn_attention=vision: cuDNN first in the vision tower's blocks only
 Modifiers combine: default:compile:dora-bias:norm-cache is all three on.
 

@@ -9,7 +9,8 @@ The backends are process-wide settings (torch.nn.attention.sdpa_kernel), read wh
 - "all": cuDNN first, for the vision tower and the packed text. Its kernels alone took 0.6 of flash attention's
   time on SigLIP's [tiles, 16, 729, 72] (flash runs head dim 72 as 96) and 0.4 of memory-efficient attention's on
   the packed pairs' masked text; a compiled step's median went from 2.23 to 2.02 s, but one step of 15 took 27 s
-  (docs/benchmarks.md, lease 16).
+  (docs/benchmarks.md, lease 16). Since then the packed rows are padded to a multiple of CUDNN_PAD_MULTIPLE in
+  this mode (not measured on a GPU yet).
 - "vision": cuDNN first in the vision tower only, whose shape changes only with the number of tiles in a
   micro-batch; the text keeps memory-efficient attention. The vision config's attention implementation becomes
   CUDNN_SDPA, transformers' sdpa function called inside `sdpa_kernel` (registered with AttentionInterface): the
@@ -35,6 +36,11 @@ def run_backends(mode: str, device: str):
         return contextlib.nullcontext()
     return sdpa_kernel(CUDNN_FIRST, set_priority=True) if mode == "all" else sdpa_kernel(WITHOUT_CUDNN)
 
+
+# With "all", the packed rows' length is rounded up to a multiple of this (smolbox.train.dpo.pack_pairs), so that
+# cuDNN builds plans for a few lengths instead of one nearly every batch: up to 63 padding tokens on ~1,200-token
+# rows (~2.6% more text tokens at most), against ~100 ms of plan building per new shape (docs/benchmarks.md).
+CUDNN_PAD_MULTIPLE = 64
 
 CUDNN_SDPA = "smolbox_cudnn_sdpa"  # an attention implementation name, registered with transformers below
 

@@ -26,7 +26,7 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
 
 
-def completion_logps(model, batch: dict, pack: bool = True) -> torch.Tensor:
+def completion_logps(model, batch: dict, pack: bool = True, pad_multiple: int = 1) -> torch.Tensor:
     """Sum of log-probs of the completion tokens of every row, [2B].
 
     The model's own forward runs (through DistributedDataParallel when training on several processes: DDP only
@@ -34,10 +34,11 @@ def completion_logps(model, batch: dict, pack: bool = True) -> torch.Tensor:
     head projects only those: full-vocabulary logits for every position of a ~1,200-token image prompt would cost
     gigabytes and are never used. When the chosen and rejected rows of each pair share their prompt and images
     (TRL's collator builds them so), the pair runs as one packed row (see `pack_pairs`; `pack=False` keeps TRL's
-    two rows): the image is encoded and the prompt computed once instead of twice.
+    two rows): the image is encoded and the prompt computed once instead of twice; `pad_multiple` pads the packed
+    rows' length to a multiple of it (see `pack_pairs`).
     """
     lm = base_model(model)
-    packed = pack_pairs(batch, lm.config) if pack else None
+    packed = pack_pairs(batch, lm.config, pad_multiple) if pack else None
     if packed is None:
         inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
         scored = batch["completion_mask"][:, 1:].bool()  # position t predicts token t+1
@@ -83,13 +84,16 @@ PACKABLE_KEYS = {"input_ids", "attention_mask", "completion_mask", "pixel_values
 PACKABLE_ATTENTION = {"sdpa", "eager"}  # need a custom 4D mask; flash_attention_2 takes the unpacked path
 
 
-def pack_pairs(batch: dict, config) -> PackedPairs | None:
+def pack_pairs(batch: dict, config, pad_multiple: int = 1) -> PackedPairs | None:
     """Each pair as one row: [prompt, chosen completion, rejected completion, padding].
 
     The rejected tokens attend to the prompt and to themselves, never to the chosen tokens, and take the
     positions they have in their own row, so every completion token sees exactly what it sees in TRL's
     [chosen rows; rejected rows] batch: the same function, with the image encoded and the prompt computed once
     per pair instead of twice. Returns None (use the unpacked batch) when the batch is not of that shape.
+    The rows are as long as the longest pair, rounded up to a multiple of `pad_multiple`: padding attends only to
+    itself, so it changes no value, and a kernel that prepares itself per shape (cuDNN attention,
+    smolbox.train.attention) meets few lengths instead of a new one nearly every batch.
     """
     if set(batch) - NON_MODEL_KEYS - PACKABLE_KEYS or "pixel_values" not in batch:
         return None
@@ -127,6 +131,7 @@ def pack_pairs(batch: dict, config) -> PackedPairs | None:
     if 0 in cr:  # an empty rejected completion: nothing to pack (and no token for its prompt-predicted slot)
         return None
     total = max(pi + ci + ri for pi, ci, ri in zip(p, cc, cr))
+    total = -(-total // pad_multiple) * pad_multiple
     image_token = getattr(config, "image_token_id", None)
     pad_id = next(t for t in (getattr(text_config, "pad_token_id", None), 0, 1) if t is not None and t != image_token)
     device = ids.device
@@ -163,12 +168,12 @@ def pack_pairs(batch: dict, config) -> PackedPairs | None:
     return PackedPairs(inputs, as_tensor(src_cols), as_tensor(src_rows), torch.cat(targets), as_tensor(out_rows))
 
 
-def reference_logps(model, batch: dict, pack: bool = True) -> torch.Tensor:
+def reference_logps(model, batch: dict, pack: bool = True, pad_multiple: int = 1) -> torch.Tensor:
     """Log-probs under the reference policy: the same peft model with its adapters switched off."""
     peft_model = unwrap(model)
     disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
     with torch.no_grad(), disabled:
-        return completion_logps(model, batch, pack)
+        return completion_logps(model, batch, pack, pad_multiple)
 
 
 def sigmoid_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -178,12 +183,12 @@ def sigmoid_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> 
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def dpo_step(model, batch: dict, beta: float, pack: bool = True) -> DPOOutput:
+def dpo_step(model, batch: dict, beta: float, pack: bool = True, pad_multiple: int = 1) -> DPOOutput:
     if REF_KEYS[0] in batch:  # precomputed (SmolboxDPOTrainer.precompute_reference_logps)
         reference = torch.cat([batch[key] for key in REF_KEYS])
     else:
-        reference = reference_logps(model, batch, pack)
-    policy = completion_logps(model, batch, pack)
+        reference = reference_logps(model, batch, pack, pad_multiple)
+    policy = completion_logps(model, batch, pack, pad_multiple)
     reference = reference.to(policy.device, policy.dtype)
     loss, chosen_rewards, rejected_rewards = sigmoid_loss(policy, reference, beta)
     chosen, rejected = policy.detach().chunk(2)

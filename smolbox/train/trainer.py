@@ -13,6 +13,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..config import Config
 from . import distributed, dpo
+from .attention import CUDNN_PAD_MULTIPLE
 from .batches import BatchPlan, plan_batches
 from .dpo import REF_KEYS
 
@@ -31,9 +32,10 @@ class OneGPUPerProcessConfig(DPOConfig):
 
 
 class SmolboxDPOTrainer(DPOTrainer):
-    def __init__(self, *args, pack_pairs: bool = True, **kwargs):
+    def __init__(self, *args, pack_pairs: bool = True, pad_multiple: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.pack_pairs = pack_pairs  # each pair as one packed row (smolbox.train.dpo.pack_pairs): train.pack_pairs
+        self.pad_multiple = pad_multiple  # packed rows' length rounded up to a multiple of it (cuDNN attention)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -42,7 +44,7 @@ class SmolboxDPOTrainer(DPOTrainer):
         return WholeStepsSampler(len(dataset), pairs_per_step, seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = dpo.dpo_step(model, inputs, self.beta, self.pack_pairs)
+        out = dpo.dpo_step(model, inputs, self.beta, self.pack_pairs, self.pad_multiple)
         mode = "train" if model.training else "eval"
         metrics = self._metrics[mode]
         gather = self.accelerator.gather_for_metrics
@@ -83,7 +85,7 @@ class SmolboxDPOTrainer(DPOTrainer):
         with self.accelerator.autocast():
             for b, batch in zip(mine, loader):
                 batch = self._prepare_inputs(batch)
-                logps = dpo.reference_logps(model, batch, self.pack_pairs).float().cpu()
+                logps = dpo.reference_logps(model, batch, self.pack_pairs, self.pad_multiple).float().cpu()
                 values[b] = tuple(half.tolist() for half in logps.chunk(2))
                 first_batch_s = first_batch_s or time.perf_counter() - started
         model.train(was_training)
@@ -189,6 +191,7 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
     trainer = SmolboxDPOTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=processor, peft_config=peft_config, pack_pairs=t.pack_pairs,
+        pad_multiple=CUDNN_PAD_MULTIPLE if device == "cuda" and t.cudnn_attention == "all" else 1,
     )
     if cfg.adapter.use_dora and cfg.adapter.fused_dora:
         swapped = use_fused_dora(trainer.model, with_bias=cfg.adapter.fused_dora_bias)

@@ -102,10 +102,15 @@ def test_pairs_are_packed_and_give_the_unpacked_log_probs(trainer_and_batch):
     b = batch["input_ids"].shape[0] // 2
     assert packed.model_inputs["input_ids"].shape[0] == b and packed.model_inputs["pixel_values"].shape[0] == b
     assert packed.targets.numel() == int(batch["completion_mask"].sum())
+    padded = dpo.pack_pairs(dict(batch), model.get_base_model().config, pad_multiple=64)
+    assert padded.model_inputs["input_ids"].shape[1] % 64 == 0
+    assert padded.model_inputs["input_ids"].shape[1] > packed.model_inputs["input_ids"].shape[1]
     with torch.no_grad():
         ours = dpo.completion_logps(model, dict(batch))
         unpacked = dpo.completion_logps(model, dict(batch), pack=False)
+        ours_padded = dpo.completion_logps(model, dict(batch), pad_multiple=64)
     torch.testing.assert_close(ours, unpacked, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours_padded, ours, rtol=1e-5, atol=1e-4)  # padding changes no value
 
 
 def test_pairs_with_different_images_are_not_packed(trainer_and_batch):
