@@ -366,7 +366,7 @@ def _check_compile(t: _Target) -> Check:
     import sysconfig
 
     if t.device == "cuda":
-        kind, compiler = "C", os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")
+        kind, compiler = "C", os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")  # Triton's search
     else:
         kind, compiler = "C++", os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     header = Path(sysconfig.get_paths()["include"]) / "Python.h"
