@@ -6,7 +6,7 @@ packed pairs' mask). A training profile puts ~30% of a compiled step's GPU time 
 
 Vision: [tiles, 16 heads, 729 patches, head dim 72], no mask (SigLIP of SmolVLM-Instruct; 16 pairs x 13 tiles).
 Text: one packed row per pair, [pairs, 32 heads, prompt + 2 completions, 64], each row masked as
-smolbox.train.dpo.pack_pairs masks it (causal; the rejected completion does not see the chosen one).
+smolbox.train.dpo.pack_pairs masks it (dpo.segment_mask: causal; the rejected completion does not see the chosen one).
 Every kernel's output is checked against the math backend's (fp32) before it is timed.
 """
 
@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from smolbox.train.dpo import segment_mask
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -66,14 +68,6 @@ def segments(pairs: int, prompt: int, completion: int, gen: torch.Generator) -> 
     return seg
 
 
-def dense_mask(seg: torch.Tensor) -> torch.Tensor:
-    q, k = seg[:, :, None], seg[:, None, :]
-    n = seg.shape[1]
-    cols = torch.arange(n, device=seg.device)
-    allowed = (cols[:, None] >= cols[None, :]) & ((k == 0) | (k == q)) & (q != 3) & (k != 3)
-    return (allowed | torch.eye(n, dtype=torch.bool, device=seg.device))[:, None]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", type=int, default=208)
@@ -112,7 +106,7 @@ def main() -> None:
     seg = segments(args.pairs, args.prompt, args.completion, gen).to(dev)
     shape = [args.pairs, 32, seg.shape[1], 64]
     q, k, v = (torch.randn(shape, generator=gen).to(dev, bf16).requires_grad_() for _ in range(3))
-    mask = dense_mask(seg)
+    mask = segment_mask(seg)
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     for name, backend in BACKENDS.items():
         if name == "flash":

@@ -346,7 +346,6 @@ def main() -> None:
     rows = json.loads(args.baseline.read_text()) if args.baseline else []
     for row in rows:
         row.setdefault("from", str(args.baseline))
-    comparison = loss_comparison(rows)
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         for name in args.variants:
             world = int(name.split("@")[1]) if "@" in name else 1

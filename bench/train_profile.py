@@ -52,14 +52,6 @@ def kernel_summary(prof, wall_s: float) -> dict:
             "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])), "kernel_s_total": total}
 
 
-def parse_sets(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return overrides
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True)
@@ -75,7 +67,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    from smolbox.config import load_config
+    from smolbox.config import load_config, parse_scalar
     from smolbox.train import train
 
     state = {}
@@ -98,7 +90,7 @@ def main() -> None:
         "data.eval_split": None, "data.num_proc": 1, "train.max_steps": 4, "train.logging_steps": 1,
         "train.save_steps": 100000, "train.global_batch_size": args.micro_batch,
         "train.per_device_train_batch_size": args.micro_batch, "train.dataloader_num_workers": args.workers,
-        "run.min_free_disk_gb": 0, **parse_sets(args.set)}
+        "run.min_free_disk_gb": 0, **{k: parse_scalar(v) for k, _, v in (pair.partition("=") for pair in args.set)}}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, overrides={**overrides, "run.output_dir": tmp, "run.name": "profile"},
                           env={}, dotenv=None)

@@ -153,12 +153,7 @@ def pack_pairs(batch: dict, config, pad_multiple: int = 1) -> PackedPairs | None
         out_rows += [i] * ci + [b + i] * ri
         targets.append(ids[i, pi:pi + ci])
         targets.append(ids[b + i, pi:pi + ri])
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    cols = torch.arange(total, device=device)
-    causal = cols[:, None] >= cols[None, :]
-    allowed = causal & ((seg_k == 0) | (seg_k == seg_q)) & (seg_q != 3) & (seg_k != 3)
-    allowed |= torch.eye(total, dtype=torch.bool, device=device)  # padding rows attend to themselves: no NaN
-    mask = allowed[:, None]
+    mask = segment_mask(segment)
     if attention == "eager":
         mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
     inputs = {"input_ids": packed_ids, "attention_mask": mask, "position_ids": positions, "pixel_values": pixels[:b]}
@@ -166,6 +161,17 @@ def pack_pairs(batch: dict, config, pad_multiple: int = 1) -> PackedPairs | None
         inputs["pixel_attention_mask"] = pixel_mask[:b]
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return PackedPairs(inputs, as_tensor(src_cols), as_tensor(src_rows), torch.cat(targets), as_tensor(out_rows))
+
+
+def segment_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] bool attention mask of packed rows from their [B, L] segment ids (0 prompt, 1 chosen, 2 rejected,
+    3 padding): causal, a completion sees the prompt and itself, not the other completion; padding sees only itself
+    (a row with nothing to attend to would give NaN)."""
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    cols = torch.arange(segment.shape[1], device=segment.device)
+    allowed = (cols[:, None] >= cols[None, :]) & ((seg_k == 0) | (seg_k == seg_q)) & (seg_q != 3) & (seg_k != 3)
+    allowed |= torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device)
+    return allowed[:, None]
 
 
 def reference_logps(model, batch: dict, pack: bool = True, pad_multiple: int = 1) -> torch.Tensor:

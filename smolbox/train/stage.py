@@ -109,9 +109,6 @@ def _train(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from
 
     model = load_base(cfg, device, attn, model_path, gpu=world.local_rank)
     trainer = build_trainer(cfg, run_dir, device, model, processor, train_split.dataset, eval_split and eval_split.dataset, plan)
-    if device == "cuda" and cfg.train.cudnn_attention == "vision":
-        done = attention.cudnn_in_vision(trainer.model)
-        log.info("train: cuDNN attention first in the vision tower: %s", "yes" if done else "no (not sdpa)")
     use_console_progress(trainer)  # one compact metrics line per logging step; bars only on a terminal
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from:

@@ -13,7 +13,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..config import Config
 from . import distributed, dpo
-from .attention import CUDNN_PAD_MULTIPLE
+from .attention import CUDNN_PAD_MULTIPLE, cudnn_in_vision
 from .batches import BatchPlan, plan_batches
 from .dpo import REF_KEYS
 
@@ -200,6 +200,9 @@ def build_trainer(cfg: Config, run_dir: Path, device: str, model, processor, tra
         if cfg.adapter.dora_norm_cache:
             trainer.dora_norm_cache = DoraNormCache(trainer.model)
             log.info("train: DoRA norms cached per optimizer step on %d layers", len(trainer.dora_norm_cache.layers))
+    if device == "cuda" and t.cudnn_attention == "vision":  # "all" is the run's context (smolbox.train.attention)
+        done = cudnn_in_vision(trainer.model)
+        log.info("train: cuDNN attention first in the vision tower: %s", "yes" if done else "no (not sdpa)")
     if t.compile:
         from .compile import compile_blocks
 
