@@ -37,6 +37,14 @@
 #                                          BASELINE=docs/results/2026-12-01-h200-d/lease14_train7a.json for the 50-step curve)
 #   bash bench/gpu_machine_session.sh train9       issue #16: default:compile against default:compile:cudnn-vision and
 #                                          default:compile:cudnn (rows padded to 64) (or TRAIN_VARIANTS), STEPS (20) steps each
+#   bash bench/gpu_machine_session.sh train10      issue #16: bench/train_profile.py of default.yaml with cuDNN attention (or
+#                                          PROFILE_SETS): GPU time by kernel kind, the GPU's idle gaps and what the CPU
+#                                          did meanwhile, and the Chrome trace (gzipped)
+#   bash bench/gpu_machine_session.sh train11      issue #16: a change against the code before it, side by side: TRAIN_VARIANTS
+#                                          (default:compile:cudnn), STEPS (16) steps each, first from BEFORE (a folder
+#                                          holding the earlier commit's smolbox/, bench/ and configs/, made with `git
+#                                          archive <commit> smolbox bench configs | tar -x -C _old`, carried), then from
+#                                          this tree with that run's loss curve as --baseline
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 #   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
@@ -207,6 +215,23 @@ case "${1:?stage}" in
     python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-20}" --global-batch "${GLOBAL_BATCH:-16}" \
       --variants ${TRAIN_VARIANTS:-default:compile default:compile:cudnn-vision default:compile:cudnn} --json "$OUT/${JSON:-train9}.json" \
       2>&1 | grep -vE "Warn|warn" | tail -8
+    ;;
+  train10)
+    # shellcheck disable=SC2086
+    python -m bench.train_profile --root /tmp/rs --micro-batch 16 --set ${PROFILE_SETS:-train.compile=true train.cudnn_attention=all} \
+      --out "$OUT/${JSON:-train10}.txt" --json "$OUT/${JSON:-train10}.json" --trace /tmp/trace.json 2>&1 | tail -42
+    gzip -c /tmp/trace.json > "$OUT/${JSON:-train10}_trace.json.gz"
+    ;;
+  train11)
+    before=$(realpath "${BEFORE:-_old}")
+    # shellcheck disable=SC2086
+    (cd "$before" && PYTHONPATH=/tmp/site python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-16}" \
+      --global-batch "${GLOBAL_BATCH:-16}" --variants ${TRAIN_VARIANTS:-default:compile:cudnn} \
+      --json "$OUT/${JSON:-train11}_before.json" 2>&1 | grep -vE "Warn|warn" | tail -4)
+    # shellcheck disable=SC2086
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-16}" --global-batch "${GLOBAL_BATCH:-16}" \
+      --variants ${TRAIN_VARIANTS:-default:compile:cudnn} --baseline "$OUT/${JSON:-train11}_before.json" \
+      --json "$OUT/${JSON:-train11}.json" 2>&1 | grep -vE "Warn|warn" | tail -7
     ;;
   e2e-multi)
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')

@@ -1,16 +1,17 @@
 """Where a smolbox training step spends its time: torch.profiler over two optimizer steps of a config on the
 real-shape model (bench/real_shapes.py), after two warm-up steps. Prints the GPU time by kind of kernel (matrix
 products, attention, NF4 dequantization, fused Triton kernels, other elementwise work), how much of the wall time
-the GPU was busy, then the top operators by self CUDA time and by self CPU time.
+the GPU was busy and what the CPU did while it waited, then the top operators by self CUDA time and by self CPU time.
 
     python -m bench.real_shapes --out /tmp/rs
     python -m bench.train_profile --root /tmp/rs [--config default] [--micro-batch 16] [--workers 8] \\
-        [--set train.compile=true ...] [--out prof.txt] [--json prof.json]
+        [--set train.compile=true ...] [--out prof.txt] [--json prof.json] [--trace trace.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import tempfile
 import time
@@ -52,6 +53,38 @@ def kernel_summary(prof, wall_s: float) -> dict:
             "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])), "kernel_s_total": total}
 
 
+def idle_gaps(prof, min_gap_s: float = 0.5e-3, top: int = 12) -> dict:
+    """Where the GPU waits: its idle intervals longer than `min_gap_s` between the first and the last kernel, and
+    the CPU operators that ran while it waited (seconds of overlap with the gaps, by name; nested operators each
+    count), so a gap can be traced to what the training loop did on the CPU at that moment."""
+    events = list(prof.events())
+    spans = sorted((e.time_range.start / 1e6, e.time_range.start / 1e6 + e.device_time_total / 1e6) for e in events
+                   if str(e.device_type).endswith("CUDA") and e.device_time_total > 0)
+    gaps, end = [], None
+    for start, stop in spans:
+        if end is not None and start - end > min_gap_s:
+            gaps.append((end, start))
+        end = stop if end is None else max(end, stop)
+    overlap: dict[str, float] = {}
+    starts = [g0 for g0, _ in gaps]
+    for e in events:
+        if str(e.device_type).endswith("CUDA"):
+            continue
+        a, b = e.time_range.start / 1e6, e.time_range.end / 1e6
+        i = max(0, bisect.bisect_right(starts, a) - 1)  # the gaps are sorted and disjoint
+        shared = 0.0
+        while i < len(gaps) and gaps[i][0] < b:
+            shared += max(0.0, min(b, gaps[i][1]) - max(a, gaps[i][0]))
+            i += 1
+        if shared > 0:
+            overlap[e.name] = overlap.get(e.name, 0.0) + shared
+    longest = sorted(gaps, key=lambda g: g[0] - g[1])[:top]
+    first = spans[0][0] if spans else 0.0
+    return {"gap_count": len(gaps), "gap_s": sum(g1 - g0 for g0, g1 in gaps), "min_gap_s": min_gap_s,
+            "longest_gaps": [{"at_s": g0 - first, "s": g1 - g0} for g0, g1 in longest],
+            "cpu_ops_in_gaps_s": dict(sorted(overlap.items(), key=lambda kv: -kv[1])[:40])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True)
@@ -61,6 +94,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (train.compile=true)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace (.json)")
     args = parser.parse_args()
 
     import torch
@@ -98,13 +132,20 @@ def main() -> None:
     prof = state["prof"]
     summary = {"config": args.config, "micro_batch": args.micro_batch, "workers": args.workers, "overrides": args.set,
                "steps_profiled": 2, "pairs_per_s": 2 * args.micro_batch / state["wall_s"],
-               **kernel_summary(prof, state["wall_s"])}
+               **kernel_summary(prof, state["wall_s"]), "idle": idle_gaps(prof)}
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
     averages = prof.key_averages()
     lines = [f"2 optimizer steps of {args.micro_batch} pairs ({args.config} {' '.join(args.set)}, workers {args.workers}):"
              f" {state['wall_s']:.2f} s wall, {summary['pairs_per_s']:.2f} pairs/s, GPU busy {summary['gpu_busy_s']:.2f} s"
              f" ({100 * summary['gpu_busy_share']:.0f}%)", "| kernel kind | GPU s | share |", "|---|---|---|"]
     for kind, seconds in summary["kernel_s_by_kind"].items():
         lines.append(f"| {kind} | {seconds:.3f} | {100 * seconds / summary['kernel_s_total']:.1f}% |")
+    idle = summary["idle"]
+    lines.append(f"GPU idle in {idle['gap_count']} gaps over {1e3 * idle['min_gap_s']:.1f} ms: {idle['gap_s']:.3f} s; longest: "
+                 + ", ".join(f"{1e3 * g['s']:.1f} ms at {g['at_s']:.2f} s" for g in idle["longest_gaps"]))
+    lines += ["| CPU operator while the GPU waited | s |", "|---|---|"]
+    lines += [f"| {name[:90]} | {seconds:.4f} |" for name, seconds in list(idle["cpu_ops_in_gaps_s"].items())[:25]]
     text = (averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=80)
             + "\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80)
             + "\n" + "\n".join(lines) + "\n")
