@@ -3,21 +3,20 @@
 The backends are process-wide settings (torch.nn.attention.sdpa_kernel), read when an attention call dispatches
 (eager) or when dynamo traces it (train.compile: the kernel is then part of the compiled graph).
 
-- "off" (default): cuDNN is left out. It builds an execution plan on the CPU for every new shape: ~100 ms a forward
-  and backward on an H200, and packed batches of real data change length nearly every step; at micro-batch 4 that
-  once made training CPU-bound (docs/benchmarks.md, "cuDNN attention off" and lease 16).
-- "all": cuDNN first, for the vision tower and the packed text. Its kernels alone took 0.6 of flash attention's
-  time on SigLIP's [tiles, 16, 729, 72] (flash runs head dim 72 as 96) and 0.4 of memory-efficient attention's on
-  the packed pairs' masked text; a compiled step's median went from 2.23 to 2.02 s, but one step of 15 took 27 s
-  (docs/benchmarks.md, lease 16). Since then the packed rows are padded to a multiple of CUDNN_PAD_MULTIPLE in
-  this mode (not measured on a GPU yet).
-- "vision": cuDNN first in the vision tower only, whose shape changes only with the number of tiles in a
-  micro-batch; the text keeps memory-efficient attention. The vision config's attention implementation becomes
-  CUDNN_SDPA, transformers' sdpa function called inside `sdpa_kernel` (registered with AttentionInterface): the
-  choice is made inside every attention call, so the checkpointed recompute in backward (which reruns the block's
-  forward, not its module call) and dynamo's traced graphs (which trace the context) get it too. On an H200 under
-  train.compile it ran 8 steps without a stall at 7.54 pairs/s over the median step, not yet beside
-  default:compile (docs/benchmarks.md, lease 17).
+- "off" (the schema's default): cuDNN is left out. It builds an execution plan on the CPU for every new shape: ~100
+  ms a forward and backward on an H200; unpadded packed batches of real data change length nearly every step, and
+  at micro-batch 4 that once made training CPU-bound (docs/benchmarks.md, "cuDNN attention off" and lease 16).
+- "all" (default.yaml): cuDNN first, for the vision tower and the packed text, with the packed rows padded to a
+  multiple of CUDNN_PAD_MULTIPLE, so that the text meets a few lengths; the vision tower's shape changes only with
+  the micro-batch's tile count. Its kernels beat flash attention on SigLIP's head dim 72 (which flash runs as 96)
+  and memory-efficient attention on the packed pairs' masked text, and a compiled default.yaml step is faster with
+  them, side by side, padded, without a stall (docs/benchmarks.md, leases 15, 16 and 18; unpadded, lease 16 had
+  one step of 27 s).
+- "vision": cuDNN first in the vision tower only; the text keeps memory-efficient attention. The vision config's
+  attention implementation becomes CUDNN_SDPA, transformers' sdpa function called inside `sdpa_kernel` (registered
+  with AttentionInterface): the choice is made inside every attention call, so the checkpointed recompute in
+  backward (which reruns the block's forward, not its module call) and dynamo's traced graphs (which trace the
+  context) get it too. Side by side it gained half what "all" did (docs/benchmarks.md, lease 18).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def run_backends(mode: str, device: str):
 
 # With "all", the packed rows' length is rounded up to a multiple of this (smolbox.train.dpo.pack_pairs), so that
 # cuDNN builds plans for a few lengths instead of one nearly every batch: up to 63 padding tokens on ~1,200-token
-# rows (~2.6% more text tokens at most), against ~100 ms of plan building per new shape (docs/benchmarks.md).
+# rows (~5% more text tokens at most), against ~100 ms of plan building per new shape (docs/benchmarks.md).
 CUDNN_PAD_MULTIPLE = 64
 
 CUDNN_SDPA = "smolbox_cudnn_sdpa"  # an attention implementation name, registered with transformers below

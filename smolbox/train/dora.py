@@ -38,8 +38,11 @@ class FusedBiasDoraLinearVariant(FusedDoraLinearVariant):
     """The fused forward for layers with a bias too (SigLIP's q/k/v projections: the vision tower's adapted layers).
 
     peft subtracts the bias from the base output and adds `(m/n - 1) * (base - bias) + (m/n) * s * B(A x)` to it:
-    `bias + (m/n) * (base - bias + s * B(A x))`, computed so here. In bf16, `base - bias` rounds (the base output
-    was rounded with its bias added), as it does in peft's own path."""
+    `bias + (m/n) * (base - bias + s * B(A x))`. Computed here as `(m/n) * (base + s * B(A x)) + (1 - m/n) * bias`,
+    which is the same, without the pass over the activations that `base - bias` took (a kernel of its own in a
+    compiled step's profile, docs/benchmarks.md, lease 14): the add goes into the `addmm` and the rest into the
+    scaling pass. In bf16 `1 - m/n` is exact (m/n is near 1), and the sum `base + s * B(A x)` rounds once, at the
+    magnitude of the base output, as `base - bias` did in peft's path and in this one before."""
 
     with_bias = True
 
@@ -65,12 +68,9 @@ def _fused_forward(module, active_adapter: str, x: torch.Tensor, result: torch.T
     scale = (dora.weight / weight_norm).to(result.dtype)  # gradient flows to the magnitude only
     hidden = lora_A(x.to(lora_A.weight.dtype)).to(result.dtype)
     base = result.reshape(-1, result.shape[-1])
-    if bias is not None:
-        bias = bias.to(result.dtype)
-        base = base - bias
     flat = torch.addmm(base, hidden.reshape(-1, hidden.shape[-1]), lora_B.weight.to(result.dtype).t(), alpha=scaling)
     out = flat.view(result.shape) * scale
-    return out if bias is None else out + bias
+    return out if bias is None else out + (1 - scale) * bias.to(result.dtype)
 
 
 def weight_row_norm(module, adapter: str, dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,7 @@ A batch is TRL's vision preference batch: rows [chosen_0..chosen_{B-1}, rejected
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,14 @@ def completion_logps(model, batch: dict, pack: bool = True, pad_multiple: int = 
     gigabytes and are never used. When the chosen and rejected rows of each pair share their prompt and images
     (TRL's collator builds them so), the pair runs as one packed row (see `pack_pairs`; `pack=False` keeps TRL's
     two rows): the image is encoded and the prompt computed once instead of twice; `pad_multiple` pads the packed
-    rows' length to a multiple of it (see `pack_pairs`).
+    rows' length to a multiple of it (see `pack_pairs`). A batch that was packed already (under PACKED: the
+    trainer packs in its DataLoader workers, smolbox.train.trainer) is used as it is.
     """
     lm = base_model(model)
-    packed = pack_pairs(batch, lm.config, pad_multiple) if pack else None
+    if PACKED in batch:
+        packed = PackedPairs(**batch[PACKED])
+    else:
+        packed = pack_pairs(batch, lm.config, pad_multiple) if pack else None
     if packed is None:
         inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
         scored = batch["completion_mask"][:, 1:].bool()  # position t predicts token t+1
@@ -47,8 +51,9 @@ def completion_logps(model, batch: dict, pack: bool = True, pad_multiple: int = 
         rows = torch.nonzero(scored, as_tuple=True)[0]
         n_rows, picks = keep.shape[0], None
     else:
-        inputs, targets, rows, n_rows = packed.model_inputs, packed.targets, packed.rows, 2 * packed.model_inputs["input_ids"].shape[0]
-        keep = torch.zeros(packed.model_inputs["input_ids"].shape, dtype=torch.bool, device=targets.device)
+        inputs, targets, rows = packed.model_inputs(text_attention(lm.config)), packed.targets, packed.rows
+        n_rows = 2 * packed.input_ids.shape[0]
+        keep = torch.zeros(packed.input_ids.shape, dtype=torch.bool, device=targets.device)
         keep[packed.source_rows, packed.source_cols] = True
         # The model returns the kept positions in row-major order; a pair's last prompt position predicts both its
         # first chosen and its first rejected token, so map every (row, column) to its place in that order.
@@ -71,17 +76,48 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+PACKED = "packed"  # a batch's key for the tensors of a PackedPairs made before the forward (a dict, so that the
+                   # trainer's device transfer moves them like any other input)
+
+
 @dataclass
 class PackedPairs:
-    model_inputs: dict  # input_ids, attention_mask (4D), position_ids, pixel_values, pixel_attention_mask: B rows
+    """B pairs as B packed rows, and where each completion token's log-prob is read."""
+
+    input_ids: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]: the rejected tokens take the positions they have in their own row
+    segment: torch.Tensor  # [B, L]: 0 prompt, 1 chosen, 2 rejected, 3 padding (the attention mask: segment_mask)
+    pixel_values: torch.Tensor  # [B, ...]: each pair's images once
+    pixel_attention_mask: torch.Tensor | None
     source_cols: torch.Tensor  # [N] packed column whose hidden state predicts each completion token
     source_rows: torch.Tensor  # [N] packed row of that column
     targets: torch.Tensor  # [N] the completion tokens
     rows: torch.Tensor  # [N] the output row (0..2B-1, TRL's order: chosen rows, then rejected rows) of each token
 
+    def model_inputs(self, attention: str) -> dict:
+        """The model's keyword arguments, with the [B, 1, L, L] mask built where the tensors are (built there
+        rather than sent: it is L times the size of the segment ids); eager attention takes it additive."""
+        mask = segment_mask(self.segment)
+        if attention == "eager":
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        inputs = {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": self.position_ids,
+                  "pixel_values": self.pixel_values}
+        if self.pixel_attention_mask is not None:
+            inputs["pixel_attention_mask"] = self.pixel_attention_mask
+        return inputs
+
+    def as_batch(self) -> dict:
+        """The tensors by field name (PackedPairs(**d) makes it again), for a batch's PACKED entry."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 PACKABLE_KEYS = {"input_ids", "attention_mask", "completion_mask", "pixel_values", "pixel_attention_mask"}
 PACKABLE_ATTENTION = {"sdpa", "eager"}  # need a custom 4D mask; flash_attention_2 takes the unpacked path
+
+
+def text_attention(config) -> str:
+    """The text model's attention implementation (sdpa when the config leaves it unset)."""
+    return getattr(getattr(config, "text_config", config), "_attn_implementation", None) or "sdpa"
 
 
 def pack_pairs(batch: dict, config, pad_multiple: int = 1) -> PackedPairs | None:
@@ -98,8 +134,7 @@ def pack_pairs(batch: dict, config, pad_multiple: int = 1) -> PackedPairs | None
     if set(batch) - NON_MODEL_KEYS - PACKABLE_KEYS or "pixel_values" not in batch:
         return None
     text_config = getattr(config, "text_config", config)
-    attention = getattr(text_config, "_attn_implementation", None) or "sdpa"
-    if attention not in PACKABLE_ATTENTION:
+    if text_attention(config) not in PACKABLE_ATTENTION:
         return None
     ids, attn, comp = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
     n, width = ids.shape
@@ -153,14 +188,9 @@ def pack_pairs(batch: dict, config, pad_multiple: int = 1) -> PackedPairs | None
         out_rows += [i] * ci + [b + i] * ri
         targets.append(ids[i, pi:pi + ci])
         targets.append(ids[b + i, pi:pi + ri])
-    mask = segment_mask(segment)
-    if attention == "eager":
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    inputs = {"input_ids": packed_ids, "attention_mask": mask, "position_ids": positions, "pixel_values": pixels[:b]}
-    if pixel_mask is not None:
-        inputs["pixel_attention_mask"] = pixel_mask[:b]
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return PackedPairs(inputs, as_tensor(src_cols), as_tensor(src_rows), torch.cat(targets), as_tensor(out_rows))
+    return PackedPairs(packed_ids, positions, segment, pixels[:b], None if pixel_mask is None else pixel_mask[:b],
+                       as_tensor(src_cols), as_tensor(src_rows), torch.cat(targets), as_tensor(out_rows))
 
 
 def segment_mask(segment: torch.Tensor) -> torch.Tensor:

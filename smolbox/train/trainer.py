@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import ProcessorMixin
 from trl import DPOConfig, DPOTrainer
 
 from ..config import Config
@@ -36,6 +37,24 @@ class SmolboxDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         self.pack_pairs = pack_pairs  # each pair as one packed row (smolbox.train.dpo.pack_pairs): train.pack_pairs
         self.pad_multiple = pad_multiple  # packed rows' length rounded up to a multiple of it (cuDNN attention)
+        self._parameter_count = None  # floating_point_ops
+        if isinstance(getattr(self.data_collator, "processor", None), ProcessorMixin):
+            self.data_collator.processor = PromptsOnce(self.data_collator.processor)
+        if pack_pairs:
+            base = dpo.base_model(self.model)
+            self.data_collator = PackInLoader(self.data_collator, base.config, pad_multiple, base.dtype)
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """transformers' estimate (6 x input tokens x parameters without embeddings, for the run's total_flos),
+        with the parameters counted once: transformers counts them after every micro-batch, walking every module
+        and parameter while the GPU waits (docs/benchmarks.md, lease 19). Packed batches count their
+        packed tokens (the ones computed)."""
+        ids = inputs[dpo.PACKED]["input_ids"] if dpo.PACKED in inputs else inputs.get("input_ids")
+        if ids is None or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None:
+            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * ids.numel() * self._parameter_count
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -46,14 +65,17 @@ class SmolboxDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = dpo.dpo_step(model, inputs, self.beta, self.pack_pairs, self.pad_multiple)
         mode = "train" if model.training else "eval"
-        metrics = self._metrics[mode]
         gather = self.accelerator.gather_for_metrics
-        metrics["rewards/chosen"].append(gather(out.chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(out.rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(gather((out.chosen_rewards > out.rejected_rewards).float()).mean().item())
-        metrics["rewards/margins"].append(gather(out.chosen_rewards - out.rejected_rewards).mean().item())
-        metrics["logps/chosen"].append(gather(out.chosen_logps).mean().item())
-        metrics["logps/rejected"].append(gather(out.rejected_logps).mean().item())
+        values = {
+            "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "logps/chosen": out.chosen_logps, "logps/rejected": out.rejected_logps,
+        }
+        # one device-to-host copy for all six (each .item() would wait for the GPU on its own)
+        means = torch.stack([gather(v.float()).mean() for v in values.values()]).tolist()
+        for key, mean in zip(values, means):
+            self._metrics[mode][key].append(mean)
         return (out.loss, None) if return_outputs else out.loss
 
     def precompute_reference_logps(self) -> tuple[float, float]:
@@ -111,6 +133,53 @@ class SmolboxDPOTrainer(DPOTrainer):
         for name, p in self.model.named_parameters():
             if name in dtypes and p.dtype != dtypes[name]:
                 p.data = p.data.to(dtypes[name])
+
+
+class PromptsOnce:
+    """A processor that runs TRL's doubled prompt batch once.
+
+    TRL's vision collator processes [prompts] * 2 with [images] * 2 (a chosen and a rejected row per pair), so every
+    image went through the image processor twice (resized to 1536 px, cut in 13 tiles, normalized: the DataLoader
+    workers' main cost). When a call's second half is its first (the same image objects, equal prompt texts), this
+    processes the first half and repeats each output along the batch: the same tensors, as padding depends only on
+    the longest row and the most tiles, which both halves share. Anything else goes to the processor unchanged."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __getattr__(self, name):  # tokenizer, image_processor, ... as the wrapped processor's
+        return getattr(self.processor, name)
+
+    def __call__(self, images=None, text=None, **kwargs):
+        half = len(text) // 2 if isinstance(text, list) and isinstance(images, list) and len(text) == len(images) else 0
+        if not half or len(text) % 2 or text[:half] != text[half:] \
+                or any(a is not b for a, b in zip(images[:half], images[half:])):
+            return self.processor(images=images, text=text, **kwargs)
+        out = self.processor(images=images[:half], text=text[:half], **kwargs)
+        for key, value in out.items():
+            out[key] = torch.cat([value, value]) if isinstance(value, torch.Tensor) else value + value
+        return out
+
+
+class PackInLoader:
+    """The collator's batch packed (smolbox.train.dpo.pack_pairs) where it is made, in a DataLoader worker.
+
+    Packing on the GPU at the start of a step left the GPU waiting: its checks and per-pair loop synchronize
+    several times, and TRL's batch carries every pair's tiles twice, in fp32, through pinned memory to the GPU
+    (~800 MB a step at default.yaml's micro-batch). Packed here, a step receives each pair's tiles once, already in
+    the model's dtype (the vision tower's first operation is that cast, so the values are the same) and the
+    [B, L] segment ids instead of the [B, 1, L, L] mask. A batch that does not pack stays TRL's."""
+
+    def __init__(self, collator, config, pad_multiple: int, pixel_dtype: torch.dtype):
+        self.collator, self.config, self.pad_multiple, self.pixel_dtype = collator, config, pad_multiple, pixel_dtype
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator(examples)
+        packed = dpo.pack_pairs(batch, self.config, self.pad_multiple)
+        if packed is None:
+            return batch
+        packed.pixel_values = packed.pixel_values.to(self.pixel_dtype)
+        return {dpo.PACKED: packed.as_batch()}
 
 
 class _WithReferenceLogps:

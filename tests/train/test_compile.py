@@ -154,7 +154,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path
     _assert_same(compiled_loss, compiled_grads, eager_loss, eager_grads)
 
     # Another batch: other sequence lengths, tile count and batch size reuse the dynamic-shape graphs
-    assert other["input_ids"].shape != batch["input_ids"].shape and other["pixel_values"].shape != batch["pixel_values"].shape
+    first, second = batch[dpo.PACKED], other[dpo.PACKED]  # the trainer's collator packs the pairs
+    assert second["input_ids"].shape != first["input_ids"].shape and second["pixel_values"].shape != first["pixel_values"].shape
     _loss_and_grads(model, other, trainer.beta)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a new batch shape recompiled"
 

@@ -9,6 +9,7 @@ from smolbox import tiny
 from smolbox.config import load_config
 from smolbox.models import load_base
 from smolbox.train import build_trainer, dpo
+from smolbox.train.trainer import PromptsOnce
 
 
 # Un-quantized, the two paths agree to fp32 rounding: relative to each tensor's gradient, which for the pretrained
@@ -35,8 +36,10 @@ def trainer_and_batch(request, tiny_bundle, tmp_path_factory):
         for name, p in trainer.model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in range(4)]))
+    # TRL's batch, as stock TRL computes on it (the trainer's own collator packs it: test_batches_are_packed_in_the_loader)
+    batch = trainer._prepare_inputs(trainer.data_collator.collator([rows[i] for i in range(4)]))
     trainer.model.train()
+    trainer.rows = rows
     return trainer, batch, GRAD_TOLERANCE[request.param]
 
 
@@ -100,11 +103,11 @@ def test_pairs_are_packed_and_give_the_unpacked_log_probs(trainer_and_batch):
     packed = dpo.pack_pairs(dict(batch), model.get_base_model().config)
     assert packed is not None, "a TRL vision batch must take the packed path"
     b = batch["input_ids"].shape[0] // 2
-    assert packed.model_inputs["input_ids"].shape[0] == b and packed.model_inputs["pixel_values"].shape[0] == b
+    assert packed.input_ids.shape[0] == b and packed.pixel_values.shape[0] == b
     assert packed.targets.numel() == int(batch["completion_mask"].sum())
     padded = dpo.pack_pairs(dict(batch), model.get_base_model().config, pad_multiple=64)
-    assert padded.model_inputs["input_ids"].shape[1] % 64 == 0
-    assert padded.model_inputs["input_ids"].shape[1] > packed.model_inputs["input_ids"].shape[1]
+    assert padded.input_ids.shape[1] % 64 == 0
+    assert padded.input_ids.shape[1] > packed.input_ids.shape[1]
     with torch.no_grad():
         ours = dpo.completion_logps(model, dict(batch))
         unpacked = dpo.completion_logps(model, dict(batch), pack=False)
@@ -119,3 +122,40 @@ def test_pairs_with_different_images_are_not_packed(trainer_and_batch):
     other["pixel_values"] = batch["pixel_values"].clone()
     other["pixel_values"][-1] += 1.0
     assert dpo.pack_pairs(other, trainer.model.get_base_model().config) is None
+
+
+def test_batches_are_packed_in_the_loader(trainer_and_batch):
+    """The trainer's collator packs in the DataLoader worker: each pair's tiles once, in the model's dtype, and the
+    segment ids instead of the 4D mask; the log-probs are those of TRL's unpacked batch."""
+    trainer, batch, _ = trainer_and_batch
+    model = trainer.model
+    examples = [trainer.rows[i] for i in range(4)]
+    loaded = trainer.data_collator(examples)
+    assert set(loaded) == {dpo.PACKED}, "a TRL vision batch must be packed where it is made"
+    packed = loaded[dpo.PACKED]
+    assert packed["pixel_values"].shape[0] == len(examples) and packed["pixel_values"].dtype == model.get_base_model().dtype
+    assert packed["segment"].shape == packed["input_ids"].shape
+    on_device = trainer._prepare_inputs(loaded)
+    with torch.no_grad():
+        ours = dpo.completion_logps(model, on_device)
+        unpacked = dpo.completion_logps(model, dict(batch), pack=False)
+    torch.testing.assert_close(ours, unpacked, rtol=1e-5, atol=1e-4)
+    assert trainer.floating_point_ops(on_device) == 6 * packed["input_ids"].numel() * model.num_parameters(exclude_embeddings=True)
+
+
+def test_prompts_once_gives_the_processors_tensors(trainer_and_batch):
+    """TRL's collator asks for [prompts] * 2 with [images] * 2; the wrapper processes one half and repeats it."""
+    trainer, _, _ = trainer_and_batch
+    once = trainer.data_collator.collator.processor
+    assert isinstance(once, PromptsOnce)
+    examples = [dict(trainer.rows[i]) for i in range(3)]
+    images = [example["images"] for example in examples] * 2
+    prompts = [f"<image>Question {i % 3}?" for i in range(6)]
+    kwargs = dict(padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    expected = once.processor(images=images, text=prompts, **kwargs)
+    got = once(images=images, text=prompts, **kwargs)
+    assert expected.keys() == got.keys() and "pixel_values" in got
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    other = images[:3] + [list(example["images"]) for example in examples]  # equal, but other objects: processed whole
+    torch.testing.assert_close(once(images=other, text=prompts, **kwargs)["pixel_values"], expected["pixel_values"])
