@@ -148,6 +148,8 @@ class PromptsOnce:
         self.processor = processor
 
     def __getattr__(self, name):  # tokenizer, image_processor, ... as the wrapped processor's
+        if name == "processor" or name.startswith("__"):  # not set yet (unpickling in a spawned worker)
+            raise AttributeError(name)
         return getattr(self.processor, name)
 
     def __call__(self, images=None, text=None, **kwargs):

@@ -159,3 +159,17 @@ def test_prompts_once_gives_the_processors_tensors(trainer_and_batch):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
     other = images[:3] + [list(example["images"]) for example in examples]  # equal, but other objects: processed whole
     torch.testing.assert_close(once(images=other, text=prompts, **kwargs)["pixel_values"], expected["pixel_values"])
+
+
+def test_the_loader_collator_survives_a_spawned_worker(trainer_and_batch):
+    """DataLoader workers started with spawn (macOS, Windows) receive the collator pickled."""
+    import pickle
+
+    trainer, _, _ = trainer_and_batch
+    collator = pickle.loads(pickle.dumps(trainer.data_collator))
+    assert isinstance(collator.collator.processor, PromptsOnce)
+    examples = lambda: [trainer.rows[i] for i in range(2)]  # noqa: E731 (TRL's collator edits the rows it is given)
+    again, first = collator(examples())[dpo.PACKED], trainer.data_collator(examples())[dpo.PACKED]
+    assert again.keys() == first.keys()
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
