@@ -46,6 +46,10 @@ UNIT_FIXTURES = {"tiny-run": {"tiny_root", "tiny_config", "tiny_demo", "tiny_run
                  "random-export": {"random_export"}}
 LONGEST_FIRST = ["tests/test_containers.py", "tests/train/test_distributed.py", "tiny-run", "tests/train/test_compile.py",
                  "tests/test_tiny.py", "random-export", "tests/test_preprocess.py"]
+# A worker on one of these takes nothing more until it is done: xdist queues the next unit on a worker with two tests
+# or fewer pending, which put the tiny-run unit behind the container checks' one test, to run only after them while
+# the other worker had run out of work.
+ALONE = {"tests/test_containers.py"}
 
 
 def unit_of(nodeid: str) -> str:
@@ -65,6 +69,12 @@ class _Units:
         class ByUnit(LoadScopeScheduling):
             def _split_scope(self, nodeid):
                 return unit_of(nodeid)
+
+            def _reschedule(self, node):
+                pending = {scope for scope, tests in self.assigned_work[node].items() if not all(tests.values())}
+                if pending & ALONE and self.workqueue:
+                    return
+                super()._reschedule(node)
 
         config.option.loadscopereorder = False  # the order of the collection below, not the number of tests
         return ByUnit(config, log)
