@@ -46,10 +46,6 @@ UNIT_FIXTURES = {"tiny-run": {"tiny_root", "tiny_config", "tiny_demo", "tiny_run
                  "random-export": {"random_export"}}
 LONGEST_FIRST = ["tests/test_containers.py", "tests/train/test_distributed.py", "tiny-run", "tests/train/test_compile.py",
                  "tests/test_tiny.py", "random-export", "tests/test_preprocess.py"]
-# A worker on one of these takes nothing more until it is done: xdist queues the next unit on a worker with two tests
-# or fewer pending, which put the tiny-run unit behind the container checks' one test, to run only after them while
-# the other worker had run out of work.
-ALONE = {"tests/test_containers.py"}
 
 
 def unit_of(nodeid: str) -> str:
@@ -71,10 +67,16 @@ class _Units:
                 return unit_of(nodeid)
 
             def _reschedule(self, node):
-                pending = {scope for scope, tests in self.assigned_work[node].items() if not all(tests.values())}
-                if pending & ALONE and self.workqueue:
+                # The next unit goes to a worker when it has one test left, not xdist's two: a worker runs a test
+                # once it knows the next one (pytest's nextitem), so one is the least that keeps it going. With two,
+                # a worker whose last two tests were long (test_distributed's, ~50 s each) took the next long unit
+                # while the other worker was about to be free, and ran both units one after the other.
+                if node.shutting_down:
                     return
-                super()._reschedule(node)
+                if not self.workqueue:
+                    node.shutdown()
+                elif self._pending_of(self.assigned_work[node]) <= 1:
+                    self._assign_work_unit(node)
 
         config.option.loadscopereorder = False  # the order of the collection below, not the number of tests
         return ByUnit(config, log)
