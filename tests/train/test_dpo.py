@@ -153,7 +153,16 @@ def test_prompts_once_gives_the_processors_tensors(trainer_and_batch):
     prompts = [f"<image>Question {i % 3}?" for i in range(6)]
     kwargs = dict(padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
     expected = once.processor(images=images, text=prompts, **kwargs)
-    got = once(images=images, text=prompts, **kwargs)
+
+    class Counting:  # the processor, counting the rows it is asked to process
+        rows = 0
+
+        def __call__(self, images=None, text=None, **kw):
+            Counting.rows += len(text)
+            return once.processor(images=images, text=text, **kw)
+
+    got = PromptsOnce(Counting())(images=images, text=prompts, **kwargs)
+    assert Counting.rows == 3, "the repeated half must not be processed again"
     assert expected.keys() == got.keys() and "pixel_values" in got
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
