@@ -34,41 +34,43 @@ def kind_of(name: str) -> str:
     return next((kind for kind, fragments in KINDS if any(f in low for f in fragments)), "other")
 
 
-def kernel_summary(prof, wall_s: float) -> dict:
+def _is_gpu(event) -> bool:
+    return str(event.device_type).endswith("CUDA")
+
+
+def busy_intervals(events) -> list[tuple[float, float]]:
+    """The union of the kernels' [start, end) intervals in seconds, sorted and disjoint (streams overlap)."""
+    merged: list[list[float]] = []
+    for start, stop in sorted((e.time_range.start / 1e6, (e.time_range.start + e.device_time_total) / 1e6)
+                              for e in events if _is_gpu(e) and e.device_time_total > 0):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return [(start, stop) for start, stop in merged]
+
+
+def kernel_summary(events, busy: list[tuple[float, float]], wall_s: float) -> dict:
     """GPU time by kernel kind over the profiled steps, and the GPU's busy share of their wall time."""
     by_kind: dict[str, float] = {}
-    spans = []
-    for event in prof.events():
-        if str(event.device_type).endswith("CUDA") and event.device_time_total > 0:
+    for event in events:
+        if _is_gpu(event) and event.device_time_total > 0:
             by_kind[kind_of(event.name)] = by_kind.get(kind_of(event.name), 0.0) + event.device_time_total / 1e6
-            start = event.time_range.start / 1e6
-            spans.append((start, start + event.device_time_total / 1e6))
-    busy, end = 0.0, float("-inf")  # union of the kernels' intervals: streams overlap
-    for start, stop in sorted(spans):
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    total = sum(by_kind.values())
-    return {"wall_s": wall_s, "gpu_busy_s": busy, "gpu_busy_share": busy / wall_s if wall_s else None,
-            "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])), "kernel_s_total": total}
+    busy_s = sum(stop - start for start, stop in busy)
+    return {"wall_s": wall_s, "gpu_busy_s": busy_s, "gpu_busy_share": busy_s / wall_s if wall_s else None,
+            "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "kernel_s_total": sum(by_kind.values())}
 
 
-def idle_gaps(prof, min_gap_s: float = 0.5e-3, top: int = 12) -> dict:
+def idle_gaps(events, busy: list[tuple[float, float]], min_gap_s: float = 0.5e-3, top: int = 12) -> dict:
     """Where the GPU waits: its idle intervals longer than `min_gap_s` between the first and the last kernel, and
     the CPU operators that ran while it waited (seconds of overlap with the gaps, by name; nested operators each
     count), so a gap can be traced to what the training loop did on the CPU at that moment."""
-    events = list(prof.events())
-    spans = sorted((e.time_range.start / 1e6, e.time_range.start / 1e6 + e.device_time_total / 1e6) for e in events
-                   if str(e.device_type).endswith("CUDA") and e.device_time_total > 0)
-    gaps, end = [], None
-    for start, stop in spans:
-        if end is not None and start - end > min_gap_s:
-            gaps.append((end, start))
-        end = stop if end is None else max(end, stop)
+    gaps = [(end, start) for (_, end), (start, _) in zip(busy, busy[1:]) if start - end > min_gap_s]
     overlap: dict[str, float] = {}
     starts = [g0 for g0, _ in gaps]
     for e in events:
-        if str(e.device_type).endswith("CUDA"):
+        if _is_gpu(e):
             continue
         a, b = e.time_range.start / 1e6, e.time_range.end / 1e6
         i = max(0, bisect.bisect_right(starts, a) - 1)  # the gaps are sorted and disjoint
@@ -79,7 +81,7 @@ def idle_gaps(prof, min_gap_s: float = 0.5e-3, top: int = 12) -> dict:
         if shared > 0:
             overlap[e.name] = overlap.get(e.name, 0.0) + shared
     longest = sorted(gaps, key=lambda g: g[0] - g[1])[:top]
-    first = spans[0][0] if spans else 0.0
+    first = busy[0][0] if busy else 0.0
     return {"gap_count": len(gaps), "gap_s": sum(g1 - g0 for g0, g1 in gaps), "min_gap_s": min_gap_s,
             "longest_gaps": [{"at_s": g0 - first, "s": g1 - g0} for g0, g1 in longest],
             "cpu_ops_in_gaps_s": dict(sorted(overlap.items(), key=lambda kv: -kv[1])[:40])}
@@ -130,9 +132,11 @@ def main() -> None:
                           env={}, dotenv=None)
         train(cfg, callbacks=[Profile()])
     prof = state["prof"]
+    events = list(prof.events())
+    busy = busy_intervals(events)
     summary = {"config": args.config, "micro_batch": args.micro_batch, "workers": args.workers, "overrides": args.set,
                "steps_profiled": 2, "pairs_per_s": 2 * args.micro_batch / state["wall_s"],
-               **kernel_summary(prof, state["wall_s"]), "idle": idle_gaps(prof)}
+               **kernel_summary(events, busy, state["wall_s"]), "idle": idle_gaps(events, busy)}
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
     averages = prof.key_averages()

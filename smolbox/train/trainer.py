@@ -35,8 +35,9 @@ class OneGPUPerProcessConfig(DPOConfig):
 class SmolboxDPOTrainer(DPOTrainer):
     def __init__(self, *args, pack_pairs: bool = True, pad_multiple: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pack_pairs = pack_pairs  # each pair as one packed row (smolbox.train.dpo.pack_pairs): train.pack_pairs
-        self.pad_multiple = pad_multiple  # packed rows' length rounded up to a multiple of it (cuDNN attention)
+        # train.pack_pairs: each pair as one packed row, made by the collator (PackInLoader), with its length rounded
+        # up to a multiple of pad_multiple (cuDNN attention). A batch that reaches a step unpacked did not pack
+        # there, so the steps do not try again (dpo's pack=False).
         self._parameter_count = None  # floating_point_ops
         if isinstance(getattr(self.data_collator, "processor", None), ProcessorMixin):
             self.data_collator.processor = PromptsOnce(self.data_collator.processor)
@@ -63,7 +64,7 @@ class SmolboxDPOTrainer(DPOTrainer):
         return WholeStepsSampler(len(dataset), pairs_per_step, seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = dpo.dpo_step(model, inputs, self.beta, self.pack_pairs, self.pad_multiple)
+        out = dpo.dpo_step(model, inputs, self.beta, pack=False)
         mode = "train" if model.training else "eval"
         gather = self.accelerator.gather_for_metrics
         values = {
@@ -107,7 +108,7 @@ class SmolboxDPOTrainer(DPOTrainer):
         with self.accelerator.autocast():
             for b, batch in zip(mine, loader):
                 batch = self._prepare_inputs(batch)
-                logps = dpo.reference_logps(model, batch, self.pack_pairs, self.pad_multiple).float().cpu()
+                logps = dpo.reference_logps(model, batch, pack=False).float().cpu()
                 values[b] = tuple(half.tolist() for half in logps.chunk(2))
                 first_batch_s = first_batch_s or time.perf_counter() - started
         model.train(was_training)
