@@ -5,7 +5,7 @@
 # have arrived, onnxruntime-gpu. The benchmarks it drives are bench/*.py (and, for the finished probes, experiments/);
 # docs/benchmarks.md records each session's commands as they ran (under this file's old name, bench/gpu_session.sh).
 #
-#   bash bench/gpu_machine_session.sh train      real-shape model + recipe (stock TRL) vs default.yaml, same run
+#   bash bench/gpu_machine_session.sh train      real-shape model + recipe (stock TRL) vs default.yaml and lowmem.yaml, same run
 #   bash bench/gpu_machine_session.sh train2     default with peft's DoRA forward, and lowmem.yaml
 #   bash bench/gpu_machine_session.sh e2e-train  verify + a few QDoRA DPO steps through `smolbox train`; transformers serving
 #   bash bench/gpu_machine_session.sh e2e-serve  `smolbox export` of that run, one HTTP request, experiments/vision_bench.py
@@ -45,6 +45,10 @@
 #                                          holding the earlier commit's smolbox/, bench/ and configs/, made with `git
 #                                          archive <commit> smolbox bench configs | tar -x -C _old`, carried), then from
 #                                          this tree with that run's loss curve as --baseline
+#   bash bench/gpu_machine_session.sh levers       issue #16: each lever of a change measured on its own, leave one out: TRAIN_VARIANTS
+#                                          (default), STEPS (16) steps, from each tree in LEVERS (this one, `.`, and
+#                                          _levers/<name>/: a copy of smolbox/, bench/ and configs/ with that lever taken
+#                                          back, carried), one JSON each (levers_<name>.json)
 #   bash bench/gpu_machine_session.sh e2e-multi    verify, then `smolbox train` on every GPU through the image's entrypoint
 #                                          (torchrun) and through accelerate launch, a few steps each
 #   bash bench/gpu_machine_session.sh serve6       (after export-base) engine v2 with its graphs captured at load and batched
@@ -102,9 +106,10 @@ EOF
 
 case "${1:?stage}" in
   parts|prepare) ;;  # carry an onnxruntime-gpu part (gpu_machine_env.sh above); prepare also builds /tmp/rs
-  train)
+  train)  # default.yaml and lowmem.yaml compile their blocks in step 1: STEPS (16) steps each, the recipe 8
     python -m bench.train_bench --root /tmp/rs --steps 8 --variants recipe --json "$OUT/train_recipe.json" 2>&1 | tail -4
-    python -m bench.train_bench --root /tmp/rs --steps 5 --variants default --json "$OUT/train_default.json" 2>&1 | tail -4
+    python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-16}" --variants default lowmem --baseline "$OUT/train_recipe.json" \
+      --json "$OUT/train_default.json" 2>&1 | grep -vE "Warn|warn" | tail -9
     ;;
   train2)
     python -m bench.train_bench --root /tmp/rs --steps 5 --variants default:peft-dora lowmem --json "$OUT/train2.json" 2>&1 | tail -5
@@ -232,6 +237,14 @@ case "${1:?stage}" in
     python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-16}" --global-batch "${GLOBAL_BATCH:-16}" \
       --variants ${TRAIN_VARIANTS:-default:compile:cudnn} --baseline "$OUT/${JSON:-train11}_before.json" \
       --json "$OUT/${JSON:-train11}.json" 2>&1 | grep -vE "Warn|warn" | tail -7
+    ;;
+  levers)
+    # shellcheck disable=SC2086
+    for tree in ${LEVERS:-. _levers/*}; do
+      name=$(basename "$(realpath "$tree")")
+      (cd "$tree" && PYTHONPATH=/tmp/site python -m bench.train_bench --root /tmp/rs --steps "${STEPS:-16}" \
+        --variants ${TRAIN_VARIANTS:-default} --json "$OUT/levers_$name.json" 2>&1 | grep -vE "Warn|warn" | tail -4)
+    done
     ;;
   e2e-multi)
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
