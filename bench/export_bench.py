@@ -86,7 +86,7 @@ def graphs(args, work: Path, results: dict) -> None:
     from smolbox.export.folder import save_processor_files
     from smolbox.export.graphs import export_onnx
     from smolbox.export.merge import merge
-    from smolbox.models import resolve_source
+    from smolbox.sources import resolve_source
 
     cfg = _config(args)
     device = resolve_device(cfg)
@@ -130,7 +130,7 @@ def parity(args, work: Path, results: dict) -> dict:
     from smolbox.export.parity import check_parity
     from smolbox.export.stage import export_manifest
     from smolbox.manifest import write_json_atomic
-    from smolbox.models import resolve_source
+    from smolbox.sources import resolve_source
 
     cfg = _config(args)
     device = resolve_device(cfg)

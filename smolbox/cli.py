@@ -151,9 +151,13 @@ def _eval(cfg, results: list | None = None) -> int:
 
 
 def _export(cfg) -> int:
-    from .export import ExportError, export
+    from .export import ExportError, preflight
 
     logs.use_console()
+    if _refused(preflight, ExportError, cfg) is None:  # before the stage's imports: a wrong source answers at once
+        return BLOCKED_EXIT
+    from .export import export
+
     result = _refused(export, ExportError, cfg)
     if result is None:
         return BLOCKED_EXIT

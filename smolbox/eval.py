@@ -66,7 +66,7 @@ def evaluate(cfg: Config) -> list[EvalResult]:
 
 
 def _targets(cfg: Config):
-    from .models import SourceError, resolve_source
+    from .sources import SourceError, resolve_source
 
     e = cfg.eval
     run_source = export = None

@@ -130,7 +130,13 @@ def test_export_of_a_missing_run_lists_the_runs_there(tmp_path):
     result = smolbox("export", "--config", "tiny", "--env-file", "", "--run.name", "frist", cwd=tmp_path)
     assert result.returncode == 2
     assert "runs/frist: no training run" in result.stderr and "Runs in runs/: first (completed), second (failed)" in result.stderr
-    from smolbox.models import SourceError, resolve_source
+    # refused before the export stage's imports: no torch, onnx or transformers loaded for a typo
+    code = ("import sys\nfrom smolbox.cli import main\n"
+            "assert main(['export', '--config', 'tiny', '--env-file', '', '--run.name', 'frist']) == 2\n"
+            "print(sorted(m for m in ('torch', 'onnx', 'transformers') if m in sys.modules))")
+    check = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and check.stdout.strip() == "[]", check.stderr
+    from smolbox.sources import SourceError, resolve_source
 
     with pytest.raises(SourceError, match=f"There are no runs in {tmp_path}/elsewhere/"):
         resolve_source(load_config("tiny", overrides={"run.output_dir": str(tmp_path / "elsewhere")}, env={}, dotenv=None))

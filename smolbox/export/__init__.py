@@ -8,6 +8,7 @@ exports/<name>/
   parity.json                                                    per variant: logit differences, greedy agreement
   manifest.json                                                  files (size, sha256), source run, timings, versions
 
+  preflight.py      the refusals before any work (source, destination), without torch
   stage.py          export(): the steps in order, into a temporary folder renamed at the end; the manifest
   merge.py          the adapter merged into the base it trained against (smolbox.models loads it)
   graphs.py         the three graphs of one float variant, fused or traced
@@ -21,6 +22,16 @@ exports/<name>/
 """
 
 from .errors import ExportError
-from .stage import ExportResult, export
+from .preflight import preflight
 
-__all__ = ["ExportError", "ExportResult", "export"]
+__all__ = ["ExportError", "ExportResult", "export", "preflight"]
+
+
+def __getattr__(name: str):
+    # export() and ExportResult come from the stage, which imports torch, onnx and transformers: only when used, so
+    # that preflight() (the CLI's refusals) runs without them
+    if name in ("export", "ExportResult"):
+        from . import stage
+
+        return getattr(stage, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

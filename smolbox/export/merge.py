@@ -8,7 +8,8 @@ from transformers import AutoModelForImageTextToText
 from .. import tiny
 from ..config import Config
 from ..env import hf_hub_cache
-from ..models import Source, load_processor, load_trained_base
+from ..models import load_processor, load_trained_base
+from ..sources import Source
 from .errors import ExportError
 
 

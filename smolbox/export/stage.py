@@ -18,7 +18,7 @@ from .. import __version__
 from ..config import Config
 from ..env import git_commit, package_versions, resolve_device
 from ..manifest import now, read_json, write_json_atomic
-from ..models import Source, SourceError, resolve_source
+from ..sources import Source
 from ..onnx_layout import GRAPHS, graph_path
 from .errors import ExportError
 from .folder import save_processor_files, write_client_config
@@ -26,6 +26,7 @@ from .graphs import FUSABLE, export_onnx, graph_kind
 from .merge import merge
 from .onnx_files import weight_bytes
 from .parity import check_parity
+from .preflight import preflight
 from .quantize import build_variant
 
 log = logging.getLogger("smolbox.export")
@@ -39,15 +40,8 @@ class ExportResult:
 
 
 def export(cfg: Config) -> ExportResult:
-    try:
-        source = resolve_source(cfg)
-    except SourceError as exc:
-        raise ExportError(str(exc)) from exc
-    name = cfg.export.name or source.name
-    out_root = Path(cfg.export.output_dir)
-    final = out_root / name
-    if final.exists() and not cfg.export.overwrite:
-        raise ExportError(f"{final} already exists: set export.overwrite=true or choose another export.name")
+    source, final = preflight(cfg)
+    name, out_root = final.name, final.parent
     out_root.mkdir(parents=True, exist_ok=True)
     for stale in out_root.glob(f".{name}.partial-*"):  # left by an interrupted export
         shutil.rmtree(stale, ignore_errors=True)

@@ -7,7 +7,8 @@ import torch
 from smolbox.export import ExportError, export
 from smolbox.export.merge import merge
 from smolbox.export.parity import parity_inputs
-from smolbox.models import load_trained_base, resolve_source
+from smolbox.models import load_trained_base
+from smolbox.sources import resolve_source
 
 
 def test_merge_into_dequantized_nf4_reproduces_the_trained_adapter_best(tiny_run, tiny_config):
