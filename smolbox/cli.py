@@ -119,10 +119,13 @@ def _refused(stage, refusal: type[Exception], cfg):
 
 
 def _train(cfg) -> int:
-    from .train import RunError, train
+    from .train import RunError, plan_run
     from .train.distributed import world
 
     try:
+        plan_run(cfg)  # before the stage imports torch, transformers and TRL, so that a refusal answers at once
+        from .train import train
+
         result = train(cfg)
     except RunError as exc:
         if world().is_main:
@@ -151,10 +154,10 @@ def _eval(cfg, results: list | None = None) -> int:
 
 
 def _export(cfg) -> int:
-    from .export import ExportError, preflight
+    from .export import ExportError, plan_export
 
     logs.use_console()
-    if _refused(preflight, ExportError, cfg) is None:  # before the stage's imports: a wrong source answers at once
+    if _refused(plan_export, ExportError, cfg) is None:  # before the stage's imports: a wrong source answers at once
         return BLOCKED_EXIT
     from .export import export
 

@@ -8,7 +8,7 @@ exports/<name>/
   parity.json                                                    per variant: logit differences, greedy agreement
   manifest.json                                                  files (size, sha256), source run, timings, versions
 
-  preflight.py      the refusals before any work (source, destination), without torch
+  plan.py           the source and destination, refused before any work, without torch
   stage.py          export(): the steps in order, into a temporary folder renamed at the end; the manifest
   merge.py          the adapter merged into the base it trained against (smolbox.models loads it)
   graphs.py         the three graphs of one float variant, fused or traced
@@ -22,14 +22,14 @@ exports/<name>/
 """
 
 from .errors import ExportError
-from .preflight import preflight
+from .plan import plan_export
 
-__all__ = ["ExportError", "ExportResult", "export", "preflight"]
+__all__ = ["ExportError", "ExportResult", "export", "plan_export"]
 
 
 def __getattr__(name: str):
     # export() and ExportResult come from the stage, which imports torch, onnx and transformers: only when used, so
-    # that preflight() (the CLI's refusals) runs without them
+    # that plan_export() (the CLI's refusals) runs without them
     if name in ("export", "ExportResult"):
         from . import stage
 

@@ -26,7 +26,7 @@ from .graphs import FUSABLE, export_onnx, graph_kind
 from .merge import merge
 from .onnx_files import weight_bytes
 from .parity import check_parity
-from .preflight import preflight
+from .plan import plan_export
 from .quantize import build_variant
 
 log = logging.getLogger("smolbox.export")
@@ -40,7 +40,7 @@ class ExportResult:
 
 
 def export(cfg: Config) -> ExportResult:
-    source, final = preflight(cfg)
+    source, final = plan_export(cfg)
     name, out_root = final.name, final.parent
     out_root.mkdir(parents=True, exist_ok=True)
     for stale in out_root.glob(f".{name}.partial-*"):  # left by an interrupted export

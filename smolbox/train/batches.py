@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TrainConfig
-from .run_folder import RunError
+from .resume import RunError
 
 
 @dataclass(frozen=True)

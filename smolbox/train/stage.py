@@ -25,10 +25,12 @@ from ..env import device_description, resolve_attention, resolve_device
 from ..manifest import now, write_json_atomic
 from ..models import load_base, load_processor
 from . import attention, distributed
-from .batches import BatchPlan, plan_batches
+from .batches import BatchPlan
 from .data import load_preference_data
 from .progress import use_console_progress
-from .run_folder import RunCallback, checkpoint_step, peak_memory_gb, plan_resume, start_manifest, truncate_metrics
+from .plan import plan_run
+from .resume import checkpoint_step, truncate_metrics
+from .run_folder import RunCallback, peak_memory_gb, start_manifest
 from .trainer import build_trainer
 
 log = logging.getLogger("smolbox.train")
@@ -51,9 +53,7 @@ def train(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> TrainR
     Under torchrun / accelerate launch every process calls this; rank 0 writes the run folder."""
     device = resolve_device(cfg)
     world = distributed.start(device, cfg.train.ddp_timeout_s)
-    plan = plan_batches(cfg.train, world.size)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    resume = plan_resume(cfg, run_dir)
+    plan, run_dir, resume = plan_run(cfg, world.size)
     if resume.finished is not None:
         # Nothing is written: not the log, not the manifest (print, since the run's log file is not opened).
         print(f"smolbox: {run_dir} is complete ({resume.finished.get('global_step')} optimizer steps); nothing to do. "

@@ -185,8 +185,12 @@ def test_run_dir_of_another_config_is_refused(tiny_config, runs, reference_run):
 
 def test_cli_refusal_exits_non_zero(runs, reference_run):
     args = cli_args(runs, reference_run.run_dir.name) + ["--train.learning_rate", "0.5"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    # refused before the stage's imports (smolbox.train.plan_run): torch, transformers and TRL are not loaded
+    code = ("import sys\nfrom smolbox.cli import main\ncode = main(sys.argv[1:])\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))\nsys.exit(code)")
+    result = subprocess.run([args[0], "-c", code, *args[3:]], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "train.learning_rate is 0.5 now" in result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_a_completed_run_is_left_untouched(tiny_config, reference_run, capsys):

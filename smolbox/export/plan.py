@@ -11,7 +11,7 @@ from ..sources import Source, SourceError, resolve_source
 from .errors import ExportError
 
 
-def preflight(cfg: Config) -> tuple[Source, Path]:
+def plan_export(cfg: Config) -> tuple[Source, Path]:
     """The source to export and the folder it goes to, or ExportError saying what to choose instead."""
     try:
         source = resolve_source(cfg)
