@@ -18,8 +18,8 @@ from .. import __version__
 from ..config import Config
 from ..env import git_commit, package_versions, resolve_device
 from ..manifest import now, read_json, write_json_atomic
-from ..sources import Source
 from ..onnx_layout import GRAPHS, graph_path
+from ..sources import Source
 from .errors import ExportError
 from .folder import save_processor_files, write_client_config
 from .graphs import FUSABLE, export_onnx, graph_kind
