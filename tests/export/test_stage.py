@@ -69,7 +69,7 @@ def test_disk_estimate_refuses_a_model_that_cannot_fit(tmp_path):
         check_disk(tmp_path, huge, VARIANTS)
 
 
-def test_sigkill_mid_export_leaves_no_complete_looking_folder(tiny_run, tiny_root):
+def test_sigkill_mid_export_leaves_no_complete_looking_folder(tiny_run, tiny_root, tiny_config):
     args = [sys.executable, "-m", "smolbox", "export", "--config", "tiny", "--env-file", "",
             "--run.output_dir", str(tiny_root / "runs"), "--run.name", tiny_run.run_dir.name,
             "--export.output_dir", str(tiny_root / "exports"), "--export.name", "killed"]
@@ -86,7 +86,6 @@ def test_sigkill_mid_export_leaves_no_complete_looking_folder(tiny_run, tiny_roo
     assert not (tiny_root / "exports" / "killed").exists()
     assert list((tiny_root / "exports").glob(".killed.partial-*")), "the partial folder is hidden, not final"
 
-    done = subprocess.run(args + ["--export.variants", "[fp32]"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tiny_root / "exports" / "killed" / "manifest.json").is_file()
+    done = export(tiny_config(**{"run.name": tiny_run.run_dir.name, "export.name": "killed", "export.variants": ["fp32"]}))
+    assert done.folder == tiny_root / "exports" / "killed" and (done.folder / "manifest.json").is_file()
     assert not list((tiny_root / "exports").glob(".killed.partial-*")), "a new export clears the stale partial folder"

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from smolbox.cli import main
 from smolbox.train import COMPLETE_MARKER
 
 STEPS = 12
@@ -94,33 +95,16 @@ def runs(tmp_path_factory, tiny_bundle):
 
 @pytest.fixture(scope="module")
 def one_process(runs):
-    run(standalone(1, runs, "one"), runs / "one.log")
+    """The reference: the same arguments trained in this process (one thread, as every run here), without torchrun:
+    a process of its own would only add its imports (tests/train/test_stage.py: the CLI and train() give the same
+    bits)."""
+    assert main(train_args(runs, "one")[2:]) == 0
     return runs / "one"
-
-
-def test_two_processes_train_like_one(runs, one_process):
-    """The image's entrypoint, asked for 2 processes (as with 2 GPUs), runs torchrun --standalone."""
-    run([ENTRYPOINT, *train_args(runs, "two")[3:]], runs / "two.log", SMOLBOX_NPROC_PER_NODE="2")
-    assert_same_training(runs / "two", one_process)
-    m = json.loads((runs / "two" / "manifest.json").read_text())
-    assert m["status"] == "completed" and m["global_step"] == STEPS
-    d = m["distributed"]
-    assert (d["world_size"], d["nodes"], d["processes_per_node"], d["backend"]) == (2, 1, 2, "gloo")
-    assert [r["rank"] for r in d["ranks"]] == [0, 1]
-    assert m["batch"] == {"global": 4, "micro_batch": 2, "accumulation": 1, "processes": 2}
-    one = json.loads((one_process / "manifest.json").read_text())["batch"]
-    assert one == {"global": 4, "micro_batch": 2, "accumulation": 2, "processes": 1}
-    records = [json.loads(line) for line in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert all(len(r["peak_memory_gb_per_rank"]) == 2 and r["peak_memory_gb"] == max(r["peak_memory_gb_per_rank"])
-               for r in records)
-    assert all(r["pairs_per_s"] > 0 for r in records if "loss" in r)
-    # rank 0 alone writes the run folder: one metrics line per step, one adapter, one log
-    assert len([r for r in records if "loss" in r]) == STEPS
 
 
 def test_killed_runs_resume_with_another_number_of_processes(runs, one_process):
     """1 process killed -> resumed on 2, one rank SIGKILLed -> the job ends -> the same command resumes ->
-    killed again -> resumed on 1 process: the end equals one uninterrupted process."""
+    killed again -> resumed by `smolbox train` without torchrun: the end equals one uninterrupted process."""
     name, log = "resumed", runs / "resumed.log"
     run_dir = runs / name
 
@@ -144,7 +128,7 @@ def test_killed_runs_resume_with_another_number_of_processes(runs, one_process):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "running" and int(manifest["resumed_from"].rsplit("-", 1)[1]) >= 6
 
-    run(standalone(1, runs, name), log)
+    assert main(train_args(runs, name)[2:]) == 0  # one plain process, no torchrun: here, in-process
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["global_step"] == STEPS
     assert int(manifest["resumed_from"].rsplit("-", 1)[1]) >= 10
@@ -173,16 +157,32 @@ def test_two_hosts_on_one_machine_write_one_run(runs, one_process):
 
 
 def test_two_processes_with_the_speed_switches_train_like_one(runs, one_process):
-    """DDP with issue #16's switches on (train.compile with aot_eager, as on CPU in tests/train/test_compile.py;
-    adapter.fused_dora_bias; adapter.dora_norm_cache; gradient checkpointing): DDP's gradient hooks are the eager
-    ones around compiled blocks, and the two processes train the one-process run of the switches off, to the
-    rounding those switches bring through bitsandbytes' 4-bit CPU kernels (tests/train/test_stage.py)."""
+    """The image's entrypoint, asked for 2 processes (as with 2 GPUs), runs torchrun --standalone; here with issue
+    #16's switches on (train.compile with aot_eager, as on CPU in tests/train/test_compile.py;
+    adapter.fused_dora_bias; adapter.dora_norm_cache; gradient checkpointing): DDP's gradient hooks are the eager ones
+    around compiled blocks, and the two processes train the one-process run of the switches off, to the rounding those
+    switches bring through bitsandbytes' 4-bit CPU kernels (tests/train/test_stage.py). Two processes with the
+    switches off train it to 1e-5: the resumed and the two-host runs above."""
     switches = ["--train.compile", "true", "--train.compile_backend", "aot_eager", "--adapter.fused_dora_bias", "true",
                 "--adapter.dora_norm_cache", "true", "--train.gradient_checkpointing", "true"]
-    run(standalone(2, runs, "two-switches") + switches, runs / "two-switches.log")
-    log = (runs / "two-switches" / "train.log").read_text()
+    run([ENTRYPOINT, *train_args(runs, "two")[3:], *switches], runs / "two.log", SMOLBOX_NPROC_PER_NODE="2")
+    log = (runs / "two" / "train.log").read_text()
     assert "torch.compile (aot_eager) on" in log and "DoRA norms cached" in log
-    ours, theirs = losses(runs / "two-switches"), losses(one_process)
+    ours, theirs = losses(runs / "two"), losses(one_process)
     assert [s for s, _ in ours] == [s for s, _ in theirs] == list(range(1, STEPS + 1))
     for (_, a), (_, b) in zip(ours, theirs):
         assert abs(a - b) <= 1e-3 * abs(b), (ours, theirs)
+    m = json.loads((runs / "two" / "manifest.json").read_text())
+    assert m["status"] == "completed" and m["global_step"] == STEPS
+    d = m["distributed"]
+    assert (d["world_size"], d["nodes"], d["processes_per_node"], d["backend"]) == (2, 1, 2, "gloo")
+    assert [r["rank"] for r in d["ranks"]] == [0, 1]
+    assert m["batch"] == {"global": 4, "micro_batch": 2, "accumulation": 1, "processes": 2}
+    one = json.loads((one_process / "manifest.json").read_text())["batch"]
+    assert one == {"global": 4, "micro_batch": 2, "accumulation": 2, "processes": 1}
+    records = [json.loads(line) for line in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["peak_memory_gb_per_rank"]) == 2 and r["peak_memory_gb"] == max(r["peak_memory_gb_per_rank"])
+               for r in records)
+    assert all(r["pairs_per_s"] > 0 for r in records if "loss" in r)
+    # rank 0 alone writes the run folder: one metrics line per step, one adapter, one log
+    assert len([r for r in records if "loss" in r]) == STEPS
