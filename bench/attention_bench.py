@@ -1,6 +1,7 @@
 """The attention of one training micro-batch at default.yaml's shapes, forward and backward, by kernel: what the
 vision tower's and the packed text's attention cost with each of PyTorch's backends (and FlexAttention for the
-packed pairs' mask). A training profile puts ~30% of a compiled step's GPU time in attention (docs/benchmarks.md).
+packed pairs' mask). A training profile puts more of a compiled step's GPU time in attention than in anything but
+the matrix products (docs/benchmarks.md, 2026-12-01 lease 14, "Where a compiled step's GPU time goes").
 
     python -m bench.attention_bench [--tiles 208] [--pairs 16] [--prompt 1100] [--completion 50] [--json out.json]
 

@@ -263,8 +263,9 @@ class OnnxVLM:
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """onnxruntime's CUDA MultiHeadAttention takes its memory-efficient kernel with an attention mask only when
-        the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one, which took half of a
-        full-size prefill (docs/notes.md). Left padding to a multiple of prefill_multiple changes no result."""
+        the query length is a multiple of 8 (fp16) or 16 (fp32); otherwise an unfused one, which took a large share
+        of a full-size prefill (docs/notes.md, "Learned building smolbox"). Left padding to a multiple of
+        prefill_multiple changes no result."""
         attention_mask = attention_mask.astype(np.int64)
         extra = -input_ids.shape[1] % self.prefill_multiple
         if extra:

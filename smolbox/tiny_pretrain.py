@@ -5,7 +5,7 @@ and chosen completion, so what the model learns here is what DPO and `smolbox ev
 of its images once and asks all three questions about it (the text rows share the image features). A linear
 read-out of the pooled image features (shape and color) adds a direct signal for the vision tower and is thrown
 away afterwards: through the text alone the tower learned circle against square several times slower
-(docs/eval.md has the numbers).
+(docs/eval.md, "What did not work").
 
 One intra-op thread: the ops of a 64-wide model gain nothing from more, a shared machine loses a lot to contending
 threads, and one thread gives the same bits on every run of a machine.

@@ -28,7 +28,8 @@ STATUSES = ("ok", "warn", "fail", "skip")
 DEFAULT_LOCK = Path(__file__).resolve().parents[1] / "requirements" / "train.lock"
 # Oldest Linux driver branch that runs each CUDA major (CUDA minor-version compatibility).
 MIN_DRIVER_FOR_CUDA = {12: 525, 13: 580}
-# A gaussian 256x256 tensor round-trips through NF4 with ~0.09 relative error (FP4 ~0.12); far above is broken.
+# A gaussian 256x256 tensor round-trips through NF4 (and FP4) with well under this relative error on a working
+# install (docs/notes.md, "Learned building smolbox"); a broken one is far above.
 MAX_4BIT_REL_ERROR = 0.2
 CPU_ONLY = "CPU only: no CUDA device; training runs on CPU (fine for the tiny config, far too slow for SmolVLM-Instruct)"
 

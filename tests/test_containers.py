@@ -1,8 +1,8 @@
 """The container CI (scripts/ci-containers): both images built on a local Debian base, run and compared on CPU.
 
-It needs root or a running docker engine, may apt-install packages, start dockerd and build images, and takes about
-10 minutes, so it runs only when asked for: SMOLBOX_CONTAINER_TESTS=1 (.ci/run sets it). CI=true alone does not.
-docs/containers.md lists what it checks.
+It needs root or a running docker engine, may apt-install packages, start dockerd and build images, and takes
+minutes, so it runs only when asked for: SMOLBOX_CONTAINER_TESTS=1 (.ci/run sets it). CI=true alone does not.
+docs/containers.md lists what it checks, and how long it takes ("What CI checks").
 """
 
 import os

@@ -10,7 +10,8 @@ difference: docs/benchmarks.md):
     SkipLayerNormalization (+ out_proj bias)  ->  MatMul fc1  ->  FastGelu (+ fc1 bias)  ->  MatMul fc2
 
 (q, k and v are three products rather than one and a Split: the Split copied [tiles x patches, 3 x hidden] a
-layer, ~1 ms of 32 for a 13-tile image on the H200: docs/benchmarks.md, 2026-12-01 lease 9.)
+layer, a copy the three products do without, and a 13-tile image encodes faster on the H200: docs/benchmarks.md,
+2026-12-01 lease 9, "The vision encoder alone".)
 
 (fc2's bias joins the next layer's SkipLayerNormalization). Interface and function are those of the traced
 `smolbox.export.traced.VisionEncoder`: pixel_values [batch, images, 3, H, W] and pixel_attention_mask [batch,

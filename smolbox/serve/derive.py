@@ -29,8 +29,9 @@ are copied only when read (a sampling row), before that bucket's next step overw
 The vision encoder gets a second form (`vision_without_mask`): the same graph with MultiHeadAttention's additive
 mask left out, which the server runs for tiles with no padding (every patch real: the split tiles and the squared
 global image SmolVLM makes of a large image), where that mask is all zeros anyway. Without a mask onnxruntime's
-attention needs no [tiles, 1, patches, patches] bias and picks faster kernels: 13 tiles take 27 ms instead of 32 on
-the H200 (docs/benchmarks.md, 2026-12-01 lease 9). Tiles with padding keep the export's graph.
+attention needs no [tiles, 1, patches, patches] bias and picks faster kernels, which shortens a 13-tile image's
+encoding on the H200 (docs/benchmarks.md, 2026-12-01 lease 9, "The vision encoder alone"). Tiles with padding keep
+the export's graph.
 
 No torch here: the serving image runs this module.
 """

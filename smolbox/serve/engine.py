@@ -105,9 +105,9 @@ def preload_cuda_libraries() -> None:
 
 def prefill_fits(prompt_tokens: list[int], vocab_size: int, logits_all_positions: bool) -> bool:
     """Whether prompts of these lengths may prefill as one batch. A traced decoder returns fp32 logits for every
-    prompt position, rows x longest prompt x vocabulary, and on a GPU a batch of full-size image prompts (7 GB of
-    logits) crashed onnxruntime's CUDA provider and the server with it (docs/benchmarks.md, "Serving"); the fused
-    decoder returns the last position only. A lone request always runs."""
+    prompt position, rows x longest prompt x vocabulary, and on a GPU a batch of full-size image prompts (gigabytes
+    of logits) crashed onnxruntime's CUDA provider and the server with it (docs/benchmarks.md, H200 2026-11-27,
+    "Serving"); the fused decoder returns the last position only. A lone request always runs."""
     longest = max(prompt_tokens) if logits_all_positions else 1
     return len(prompt_tokens) == 1 or len(prompt_tokens) * longest * vocab_size * 4 <= PREFILL_LOGITS_BUDGET
 

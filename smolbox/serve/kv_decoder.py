@@ -112,7 +112,7 @@ class SlotVLM(OnnxVLM):
                  prompt_cache_bytes: int = 0, prefill_dequantized: bool = False, attention_kernel: int = 1):
         self.derived, self.slots, self.batch_prefill = derived, slots, batch_prefill
         # serve.attention_kernel: onnxruntime's sdpa_kernel for the decoder (0 = its choice). Flash by default: a
-        # 1,102-token prefill 0.4-1.6 ms faster than memory-efficient, decode steps the same (its XQA decoding kernel
+        # 1,102-token prefill a little faster than memory-efficient, decode steps the same (its XQA decoding kernel
         # either way), and no per-length planning as with cuDNN (docs/benchmarks.md, 2026-12-01 leases 9 and 10).
         self.attention_kernel = attention_kernel
         self._session_config = session_config or {}
@@ -569,8 +569,8 @@ def _cudart():
     """The CUDA runtime library onnxruntime's CUDA provider runs on (loaded by then: engine.preload_cuda_libraries,
     or the system's), for the strided copies of the prompt cache, which onnxruntime has no call for. Loaded as a
     PyDLL, whose calls keep the GIL: these calls are short, and a CDLL's release and retake of the GIL around each
-    of them waited for the event loop and request threads under load (11 ms a reuse in the server against 0.4 ms
-    alone on the H200: docs/benchmarks.md)."""
+    of them waited for the event loop and request threads under load, which made a reuse in the loaded server many
+    times slower than alone (docs/benchmarks.md, 2026-12-01 leases 7 and 8, "ctypes and the GIL")."""
     for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
         try:
             lib = ctypes.PyDLL(name)

@@ -27,12 +27,12 @@ What it buys: the elementwise work between the matrix products (norms, residual 
 gate, rotary embeddings, DoRA's scale after its `addmm`) fused into fewer kernels; a profile of the eager step at
 micro-batch 16 spends more GPU time in `mul`/`add`/`copy_` kernels than in matrix products (docs/benchmarks.md).
 The function computed is the same. Left alone, inductor keeps a fused kernel's intermediates in fp32 where eager
-rounds each op's output to bf16; on the real-shape model that moved a 50-step loss curve ~3.6x further from eager
-than two eager runs are from each other (docs/benchmarks.md, lease 3). `train.compile_eager_rounding` (on) sets
-inductor's `emulate_precision_casts`, which rounds at the same places eager does, so the remaining difference is
-the kernels' own (summation order), as between two eager runs (docs/benchmarks.md, lease 14). The CPU tests
-(tests/train/test_compile.py) capture with aot_eager, which generates no kernels, so this option is measured on a
-GPU only (a toy block compiled by inductor on CPU: docs/notes.md).
+rounds each op's output to bf16; on the real-shape model that moved a 50-step loss curve several times further
+from eager than two eager runs are from each other (docs/benchmarks.md, lease 3). `train.compile_eager_rounding`
+(on) sets inductor's `emulate_precision_casts`, which rounds at the same places eager does, so the remaining
+difference is the kernels' own (summation order), as between two eager runs (docs/benchmarks.md, lease 14). The
+CPU tests (tests/train/test_compile.py) capture with aot_eager, which generates no kernels, so this option is
+measured on a GPU only (a toy block compiled by inductor on CPU: docs/notes.md).
 
 How it fits with the rest:
 - bitsandbytes 0.50: its 4-bit kernels are `torch.library` custom ops with fake implementations

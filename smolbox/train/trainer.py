@@ -169,8 +169,9 @@ class PackInLoader:
 
     Packing on the GPU at the start of a step left the GPU waiting: its checks and per-pair loop synchronize
     several times, and TRL's batch carries every pair's tiles twice, in fp32, through pinned memory to the GPU
-    (~800 MB a step at default.yaml's micro-batch). Packed here, a step receives each pair's tiles once, already in
-    the model's dtype (the vision tower's first operation is that cast, so the values are the same) and the
+    (four times the bytes the step needs; docs/benchmarks.md, 2026-12-01 lease 19, "Where the GPU waits", has the
+    size at default.yaml's micro-batch). Packed here, a step receives each pair's tiles once, already in the
+    model's dtype (the vision tower's first operation is that cast, so the values are the same) and the
     [B, L] segment ids instead of the [B, 1, L, L] mask. A batch that does not pack stays TRL's."""
 
     def __init__(self, collator, config, pad_multiple: int, pixel_dtype: torch.dtype):

@@ -13,10 +13,10 @@ from smolbox.train.trainer import PromptsOnce
 
 
 # Un-quantized, the two paths agree to fp32 rounding: relative to each tensor's gradient, which for the pretrained
-# tiny model's first vision attention layer is small enough (its attention is peaked) that summation order shows
-# at ~1e-4. Through bitsandbytes' 4-bit CPU kernels, 1e-7 differences in the upstream gradient surface as
-# bf16-sized differences (~0.3% for the median tensor, a few bf16 steps of 2^-8 at most; docs/notes.md). A wrong
-# gradient is off by far more.
+# tiny model's first vision attention layer is small enough (its attention is peaked) that summation order shows.
+# Through bitsandbytes' 4-bit CPU kernels, fp32-rounding differences in the upstream gradient surface as bf16-sized
+# differences, a few bf16 steps at most (the sizes: docs/notes.md, "Learned building smolbox"). A wrong gradient is
+# off by far more.
 GRAD_TOLERANCE = {False: 3e-4, True: 2e-2}
 
 
