@@ -34,8 +34,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # ---- pytest-xdist: which tests a worker takes together ------------------------------------------------------------
 # Session fixtures are built once per worker. The modules that use the session's tiny run and exports (tiny_run and
 # the fixtures on top of it) go to one worker as one unit, as do those on serve's random export, so each is built
-# once; every other module is a unit of its own. The units start longest first (measured on 2 cores), so the
-# longest is not left for the end: the container checks (SMOLBOX_CONTAINER_TESTS=1, ~10 min) before all.
+# once; every other module is a unit of its own. The units start longest first (as `--durations=0` on 2 cores
+# ranks them), so the longest is not left for the end: the container checks (SMOLBOX_CONTAINER_TESTS=1) before all.
 SHARED_UNITS = {
     "tiny-run": ("tests/export/", "tests/train/test_stage.py", "tests/test_eval.py", "tests/test_runtime.py",
                  "tests/test_cli.py"),
@@ -44,7 +44,7 @@ SHARED_UNITS = {
 UNIT_FIXTURES = {"tiny-run": {"tiny_root", "tiny_config", "tiny_demo", "tiny_run", "tiny_export", "tiny_export_traced",
                               "merged"},
                  "random-export": {"random_export"}}
-LONGEST_FIRST = ["tests/test_containers.py", "tests/train/test_distributed.py", "tiny-run", "tests/train/test_compile.py",
+LONGEST_FIRST = ["tests/test_containers.py", "tiny-run", "tests/train/test_distributed.py", "tests/train/test_compile.py",
                  "tests/test_tiny.py", "random-export", "tests/test_preprocess.py"]
 
 
@@ -69,7 +69,7 @@ class _Units:
             def _reschedule(self, node):
                 # The next unit goes to a worker when it has one test left, not xdist's two: a worker runs a test
                 # once it knows the next one (pytest's nextitem), so one is the least that keeps it going. With two,
-                # a worker whose last two tests were long (test_distributed's, ~50 s each) took the next long unit
+                # a worker whose last two tests were long (test_distributed's) took the next long unit
                 # while the other worker was about to be free, and ran both units one after the other.
                 if node.shutting_down:
                     return

@@ -113,11 +113,23 @@ def _block_modes(model):
 @pytest.mark.parametrize("norm_cache, dora_bias", [(False, False), (True, True)],
                          ids=["compile-alone", "with-norm-cache-and-dora-bias"])
 def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path, norm_cache, dora_bias):
+    """Checkpointed, the compiled blocks give eager's loss and gradients and hold for backward exactly what the eager
+    checkpointed step holds: the blocks' own activations are recomputed, not kept, far below a step without
+    checkpointing; what would have caught the activations kept inside the compiled region (docs/benchmarks.md,
+    "Training speed, second round"). With checkpointing off the same graphs serve and still compute the eager
+    function (the checkpoint is not part of them)."""
     trainer, batch, other = _trainer(tmp_path, norm_cache, dora_bias)
-    model = trainer.model
+    model, beta = trainer.model, trainer.beta
     blocks = _blocks(model)
     assert blocks and all(m.gradient_checkpointing for m in blocks), "checkpointing must be on in the compiled blocks"
-    eager_loss, eager_grads = _loss_and_grads(model, batch, trainer.beta)
+    eager_checkpointed = _saved_bytes(model, batch, beta)
+    eager_loss, eager_grads = _loss_and_grads(model, batch, beta)
+    model.activation_checkpointing_disable()
+    assert not any(b.gradient_checkpointing for b in _blocks(model))
+    eager_kept = _saved_bytes(model, batch, beta)
+    assert eager_kept > 5 * eager_checkpointed, (eager_kept, eager_checkpointed)
+    uncheckpointed_loss, uncheckpointed_grads = _loss_and_grads(model, batch, beta)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -125,7 +137,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path
     assert compile_blocks(model, backend=backend) == len(blocks)
     assert all(type(b).__name__.startswith("Compiled") for b in _blocks(model))
     modes, hooks = _block_modes(model)
-    compiled_loss, compiled_grads = _loss_and_grads(model, batch, trainer.beta)
+    compiled_loss, compiled_grads = _loss_and_grads(model, batch, beta)
     for hook in hooks:
         hook.remove()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -152,36 +164,19 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path
     assert eager_loss.item() != pytest.approx(0.6931, abs=1e-4), "adapters were not perturbed: the check would be vacuous"
     assert any("lora_magnitude_vector" in n for n in eager_grads) and any("vision" in n for n in eager_grads)
     _assert_same(compiled_loss, compiled_grads, eager_loss, eager_grads)
+    assert _saved_bytes(model, batch, beta) == eager_checkpointed, eager_kept
+
+    # Without checkpointing: the same graphs, the eager function
+    model.activation_checkpointing_disable()
+    _assert_same(*_loss_and_grads(model, batch, beta), uncheckpointed_loss, uncheckpointed_grads)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "checkpointing off recompiled"
 
     # Another batch: other sequence lengths, tile count and batch size reuse the dynamic-shape graphs
     first, second = batch[dpo.PACKED], other[dpo.PACKED]  # the trainer's collator packs the pairs
     assert second["input_ids"].shape != first["input_ids"].shape and second["pixel_values"].shape != first["pixel_values"].shape
-    _loss_and_grads(model, other, trainer.beta)
+    _loss_and_grads(model, other, beta)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a new batch shape recompiled"
-
-
-def test_checkpointed_compiled_blocks_keep_no_activations(tiny_bundle, tmp_path):
-    """What would have caught the 108 GiB (docs/benchmarks.md): with checkpointing on, a compiled step holds for
-    backward exactly what the eager checkpointed step holds (the blocks' own activations are recomputed, not kept),
-    far below a step without checkpointing. With checkpointing off the compiled blocks still compute the eager
-    function (the same graphs serve: the checkpoint is not part of them)."""
-    trainer, batch, _ = _trainer(tmp_path, norm_cache=False, dora_bias=True)
-    model, beta = trainer.model, trainer.beta
-    eager_checkpointed = _saved_bytes(model, batch, beta)
-    model.activation_checkpointing_disable()
-    assert not any(b.gradient_checkpointing for b in _blocks(model))
-    eager_loss, eager_grads = _loss_and_grads(model, batch, beta)
-    eager_kept = _saved_bytes(model, batch, beta)
-    assert eager_kept > 5 * eager_checkpointed, (eager_kept, eager_checkpointed)
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compile_blocks(model, backend="aot_eager")
-    _assert_same(*_loss_and_grads(model, batch, beta), eager_loss, eager_grads)  # without checkpointing
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    compiled_checkpointed = _saved_bytes(model, batch, beta)
-    assert compiled_checkpointed == eager_checkpointed, (compiled_checkpointed, eager_checkpointed, eager_kept)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
 
 
 def test_compiled_blocks_save_the_same_adapter(tiny_bundle, tmp_path):
