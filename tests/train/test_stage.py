@@ -208,30 +208,6 @@ def test_continuing_a_completed_run_is_stated_in_the_log(tiny_config):
     assert "with a new length (train.max_steps 4 -> 6)" in log
 
 
-@pytest.mark.parametrize("processes, micro, accumulation", [(1, 2, 2), (2, 2, 1), (4, 1, 1)])
-def test_global_batch_is_split_over_processes(processes, micro, accumulation):
-    plan = plan_batches(TINY, processes)
-    assert (plan.micro_batch, plan.accumulation, plan.pairs_per_step) == (micro, accumulation, 4)
-
-
-def test_a_global_batch_that_does_not_split_is_refused():
-    with pytest.raises(RunError, match="cannot be split evenly over 3 processes: use 1, 2, 4 GPUs"):
-        plan_batches(TINY, 3)
-
-
-def test_whole_steps_sampler_cuts_each_epoch_to_whole_steps():
-    from smolbox.train.trainer import WholeStepsSampler
-
-    sampler = WholeStepsSampler(10, 4, seed=7)
-    first = list(sampler)
-    assert len(sampler) == len(first) == 8 and len(set(first)) == 8 and set(first) <= set(range(10))
-    assert list(WholeStepsSampler(10, 4, seed=7)) == first  # the order depends on seed and epoch only
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-    with pytest.raises(ValueError, match="fewer than one optimizer step"):
-        WholeStepsSampler(3, 4, seed=7)
-
-
 def test_report_to_passes_through_to_the_trackers(tiny_config):
     """train.report_to goes to transformers' integrations as it is (off by default): without the tracker's package
     the run stops before its first step, naming what is missing."""
