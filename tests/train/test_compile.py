@@ -142,8 +142,9 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path
         hook.remove()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs > 0 and len(backend.graphs) == graphs, "nothing was compiled"
-    # The checkpoint is outside the compiled region: no graph holds it (the 108 GiB of docs/benchmarks.md came from
-    # transformers' checkpoint inside `nn.Module.compile`'s graph, as a tag_activation_checkpoint higher-order op).
+    # The checkpoint is outside the compiled region: no graph holds it (the activations kept in docs/benchmarks.md,
+    # "Training speed, second round", came from transformers' checkpoint inside `nn.Module.compile`'s graph, as a
+    # tag_activation_checkpoint higher-order op).
     targets = {str(n.target) for gm in backend.graphs for n in gm.graph.nodes if n.op == "call_function"}
     assert not [t for t in targets if "checkpoint" in t], targets
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
