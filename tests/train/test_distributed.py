@@ -28,9 +28,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the torchrun comma
 ENTRYPOINT = str(Path(__file__).resolve().parents[2] / "entrypoints" / "train")  # the training image's
 
 
-def train_args(output_dir: Path, name: str, steps: int = STEPS) -> list[str]:
+def train_args(output_dir: Path, name: str) -> list[str]:
     return ["-m", "smolbox", "train", "--config", "tiny", "--env-file", "", "--run.output_dir", str(output_dir),
-            "--run.name", name, "--train.max_steps", str(steps), "--train.save_steps", str(SAVE_EVERY),
+            "--run.name", name, "--train.max_steps", str(STEPS), "--train.save_steps", str(SAVE_EVERY),
             "--train.logging_steps", "1", "--data.eval_split", "null", "--train.ddp_timeout_s", "60"]
 
 
@@ -41,8 +41,8 @@ def env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATH": path, **extra}
 
 
-def standalone(processes: int, output_dir: Path, name: str, **kw) -> list[str]:
-    return [*TORCHRUN, "--standalone", "--nproc_per_node", str(processes), *train_args(output_dir, name, **kw)]
+def standalone(processes: int, output_dir: Path, name: str) -> list[str]:
+    return [*TORCHRUN, "--standalone", "--nproc_per_node", str(processes), *train_args(output_dir, name)]
 
 
 def run(cmd: list[str], log: Path, **extra_env) -> None:
