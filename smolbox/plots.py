@@ -28,13 +28,19 @@ TRAINING_PANELS = [
 BASE_COLOR, TRAINED_COLOR, EVAL_COLOR = "#9aa5b1", "#1f77b4", "#d62728"
 
 
-def _figure(rows: int, cols: int, width: float, height: float):
+def _figure(rows: int, cols: int, width: float, height: float, **margins: float):
+    """A figure of rows x cols axes, placed by fixed margins (figure fractions, as Figure.subplots_adjust takes them)
+    that fit our titles and labels: matplotlib's constrained layout measures every text first, which was most of the
+    time a training run or an eval spent on its picture (docs/notes.md)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         log.warning("plots: matplotlib is not installed (it comes with the training image); no PNG written")
         return None
-    return Figure(figsize=(width, height), layout="constrained").subplots(rows, cols, squeeze=False)[0][0].figure
+    fig = Figure(figsize=(width, height))
+    fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(**margins)
+    return fig
 
 
 def plot_training(run_dir: str | Path) -> Path | None:
@@ -46,7 +52,7 @@ def plot_training(run_dir: str | Path) -> Path | None:
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not records:
         return None
-    fig = _figure(2, 3, 13, 7)
+    fig = _figure(2, 3, 13, 7, left=0.055, right=0.985, bottom=0.075, top=0.9, wspace=0.2, hspace=0.36)
     if fig is None:
         return None
     train = [r for r in records if "loss" in r]
@@ -81,7 +87,7 @@ def plot_eval(report: dict, path: str | Path) -> Path | None:
 
 
 def _plot_run_eval(report: dict, path: Path) -> Path | None:
-    fig = _figure(1, 1, 8, 4.5)
+    fig = _figure(1, 1, 8, 4.5, left=0.09, right=0.98, bottom=0.2, top=0.84)
     if fig is None:
         return None
     ax = fig.axes[0]
@@ -108,7 +114,7 @@ def _plot_run_eval(report: dict, path: Path) -> Path | None:
 
 
 def _plot_export_eval(report: dict, path: Path) -> Path | None:
-    fig = _figure(1, 1, 8, 4.5)
+    fig = _figure(1, 1, 8, 4.5, left=0.09, right=0.98, bottom=0.14, top=0.84)
     if fig is None:
         return None
     ax = fig.axes[0]
