@@ -224,29 +224,19 @@ def test_the_published_decoder_when_kv_slots_are_off_and_slots_that_hold_every_r
     assert serve_config(random_export, kv_capacity_tokens=1010, max_prompt_tokens=1000, max_tokens_limit=10).kv_capacity_tokens == 1010
 
 
-@pytest.fixture(scope="module")
-def other_variants(random_export, tmp_path_factory):
-    """The random model of random_export with the variants it lacks (fp16 caches, 8-bit, int8's dynamic quantization)."""
-    from smolbox.export import export
-
-    overrides = {"model.id": str(random_export), "export.source": "base", "run.name": "srv-variants",
-                 "export.output_dir": str(tmp_path_factory.mktemp("variants")), "export.variants": ["fp32", "fp16", "q8", "q4f16", "int8"]}
-    return export(load_config("tiny", overrides=overrides, env={}, dotenv=None)).folder
-
-
 @pytest.mark.parametrize("variant", ["fp16", "q8", "q4f16", "int8"])
-def test_every_variant_derives(other_variants, pair, variant):
+def test_every_variant_derives(random_export, pair, variant):
     """fp16 and q4f16 carry fp16 caches (and fp16 rotary tables), q8 MatMulNBits at 8 bits, int8 a dequantized
     product before the Split: each derives, and its slots give the published decoder's tokens for the pair. int8
     quantizes activations with one scale per call, so its tokens depend on what shares a call (the padded pair's
     prefill is one call, the slots' two): it is compared on one row without padding, where the calls are the same."""
-    model = slots(other_variants, variant)
+    model = slots(random_export, variant)
     assert model.cache_dtype == (np.float16 if variant in ("fp16", "q4f16") else np.float32)
     inputs = pair
     if variant == "int8":
         real = pair["attention_mask"][0] == 1
         inputs = {k: v[:1][:, real] if k in ("input_ids", "attention_mask") else v[:1] for k, v in pair.items()}
-    assert greedy(model, inputs).tolist() == greedy(OnnxVLM(other_variants, variant, providers=CPU), inputs).tolist()
+    assert greedy(model, inputs).tolist() == greedy(OnnxVLM(random_export, variant, providers=CPU), inputs).tolist()
 
 
 def test_capturing_every_bucket_graph_leaves_the_slots_and_the_tokens_as_they_were(random_export, pair):
