@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiers import SLOW, wanted
+
 # What the suite writes goes into one temporary folder, removed when the session passes (kept for a look when it
 # fails): the Hugging Face caches (datasets' arrow files and locks) and pytest's own tmp_path folders, so nothing
 # stays in /tmp. The tiny bundle is the exception: it is built once per machine into the smolbox cache
@@ -32,20 +34,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # ---- pytest-xdist: which tests a worker takes together ------------------------------------------------------------
-# Session fixtures are built once per worker. The modules that use the session's tiny run and exports (tiny_run and
-# the fixtures on top of it) go to one worker as one unit, as do those on serve's random export, so each is built
-# once; every other module is a unit of its own. The units start longest first (as `--durations=0` on 2 cores
-# ranks them), so the longest is not left for the end: the container checks (SMOLBOX_CONTAINER_TESTS=1) before all.
-SHARED_UNITS = {
-    "tiny-run": ("tests/export/", "tests/train/test_stage.py", "tests/test_eval.py", "tests/test_runtime.py",
-                 "tests/test_cli.py"),
-    "random-export": ("tests/serve/",),
-}
-UNIT_FIXTURES = {"tiny-run": {"tiny_root", "tiny_config", "tiny_demo", "tiny_run", "tiny_export", "tiny_export_traced",
-                              "merged"},
-                 "random-export": {"random_export"}}
-LONGEST_FIRST = ["tests/test_containers.py", "tiny-run", "tests/train/test_distributed.py", "tests/train/test_compile.py",
-                 "tests/test_tiny.py", "random-export", "tests/test_preprocess.py"]
+# Session fixtures are built once per worker, except the tiny bundle and the demo's tiny run, which the first worker
+# to need them makes for all (a file lock; the others wait). The modules on serve's random export go to one worker
+# as one unit, so it is built once; every other module is a unit of its own. The units start longest first (as
+# `--durations=0` on 2 cores ranks them), so the longest is not left for the end: the container checks
+# (SMOLBOX_CONTAINER_TESTS=1) before all, then the module that runs the demo, while the other worker starts on units
+# that do not wait for it (the random export's, and the slow checks').
+SHARED_UNITS = {"random-export": ("tests/serve/",)}
+UNIT_FIXTURES = {"random-export": {"random_export"}}
+LONGEST_FIRST = ["tests/test_containers.py", "tests/export/test_folder.py", "tests/train/test_distributed.py",
+                 "random-export", "tests/train/test_compile.py", "tests/train/test_stage.py", "tests/test_preprocess.py",
+                 "tests/export/test_graphs.py", "tests/test_tiny.py"]
 
 
 def unit_of(nodeid: str) -> str:
@@ -83,6 +82,11 @@ class _Units:
 
 
 def pytest_collection_modifyitems(config, items):
+    if not wanted(SLOW):
+        skip = pytest.mark.skip(reason=f"a slow check: runs with {SLOW}=1, as in CI (tests/tiers.py)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
     if not hasattr(config, "workerinput"):
         return
     for item in items:
@@ -132,15 +136,39 @@ def tiny_bundle():
 
 
 @pytest.fixture(scope="session")
-def tiny_demo(tmp_path_factory, tiny_bundle):
-    """`smolbox demo` as a user runs it (a subprocess, in a new folder): its output. The run and the export it leaves
-    there (runs/tiny, exports/tiny) are the session's tiny run and export: they are not trained and exported twice."""
+def tiny_demo(tiny_bundle):
+    """`smolbox demo` run in a new folder: what it printed. The run and the export it leaves there (runs/tiny,
+    exports/tiny) are the session's tiny run and export: they are not trained and exported twice. With the slow
+    checks it runs as a user runs it, in a process of its own (whose output tests/test_cli.py also checks for library
+    warnings); without, the same command runs here, in a worker that has imported the libraries already. The first
+    worker to need it runs it; the others wait for it and read what it printed."""
+    import json
     import subprocess
     import sys
 
-    folder = tmp_path_factory.mktemp("tiny")
-    result = subprocess.run([sys.executable, "-m", "smolbox", "demo", "--env-file", ""], cwd=folder,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    from filelock import FileLock
+
+    folder, printed = Path(SCRATCH) / "tiny-demo", Path(SCRATCH) / "tiny-demo.json"
+    with FileLock(f"{printed}.lock"):
+        if not printed.exists():
+            folder.mkdir()
+            args = [sys.executable, "-m", "smolbox", "demo", "--env-file", ""]
+            if wanted(SLOW):
+                done = subprocess.run(args, cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                                      text=True, timeout=600)
+                code, out, err = done.returncode, done.stdout, done.stderr
+            else:
+                import contextlib
+                import io
+
+                from smolbox.cli import main
+
+                out, err = io.StringIO(), io.StringIO()
+                with contextlib.chdir(folder), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    code = main(args[3:])
+                out, err, args = out.getvalue(), err.getvalue(), ["smolbox.cli.main", *args[3:]]
+            printed.write_text(json.dumps({"args": args, "returncode": code, "stdout": out, "stderr": err}))
+    result = subprocess.CompletedProcess(**json.loads(printed.read_text()))
     assert result.returncode == 0, result.stderr[-3000:]
     result.folder = folder
     return result

@@ -20,7 +20,8 @@ def smolbox(*args, cwd, timeout=300):
 
 
 def test_demo_runs_every_stage_offline_and_answers_right(tiny_demo):
-    """The demo ran in a new folder (tests/conftest.py: its run and export are the session's tiny run and export)."""
+    """The demo ran in a new folder (tests/conftest.py: its run and export are the session's tiny run and export;
+    with the slow checks, in a process of its own)."""
     result, tmp_path = tiny_demo, tiny_demo.folder
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -37,17 +38,26 @@ def test_demo_runs_every_stage_offline_and_answers_right(tiny_demo):
     assert "smolbox serve --config tiny" in out and "curl" in out and "parity flagged" not in out
     for picture in ("runs/tiny/training.png", "runs/tiny/eval.png", "exports/tiny/eval.png"):
         assert picture in out and (tmp_path / picture).read_bytes().startswith(b"\x89PNG"), picture
-    # Readable output: one compact metrics line per logging step, no progress bars or log dicts in a captured
-    # stream, and none of the library warnings smolbox.quiet silences (nor any other warning).
+    # Readable output: one compact metrics line per logging step, no log dicts (no progress bars or library
+    # warnings either: the next test).
     t = load_config("tiny", env={}, dotenv=None).train
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in steps] == [f"{s}/{t.max_steps}" for s in range(t.logging_steps, t.max_steps + 1, t.logging_steps)]
     assert all("loss " in line and "acc " in line for line in steps)
-    output = result.stdout + result.stderr
-    assert "{'loss'" not in output and "\r" not in output and "it/s]" not in output
-    assert "Warning" not in output and "kernels-community" not in output, result.stderr
+    assert "{'loss'" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # the demo in a process of its own (tests/conftest.py), as a user's terminal or log file sees it
+def test_the_demo_prints_no_progress_bars_or_library_warnings(tiny_demo):
+    """What the libraries print is settled when they are imported: in the test's process they were imported before
+    the demo set its switches (no progress bars in a captured stream), and pytest takes their warnings."""
+    assert tiny_demo.args[0] == sys.executable, "the demo ran in the test's process"
+    output = tiny_demo.stdout + tiny_demo.stderr
+    assert "\r" not in output and "it/s]" not in output
+    assert "Warning" not in output and "kernels-community" not in output, tiny_demo.stderr
+
+
+@pytest.mark.slow  # verify in a process of its own, which imports the training stack
 def test_verify_exits_non_zero_with_a_fix_on_a_blocking_failure(tmp_path, tiny_bundle):
     result = smolbox("verify", "--config", "tiny", "--env-file", "", "--run.device", "cuda", cwd=tmp_path)
     assert result.returncode == 2
@@ -107,6 +117,7 @@ def test_unknown_flag_lists_the_section_keys_closest_first(tmp_path):
     assert result.returncode == 2 and "closest first: port," in result.stderr
 
 
+@pytest.mark.slow  # four smolbox processes
 def test_env_file_given_must_exist_but_the_default_is_optional(tmp_path):
     missing = smolbox("config", "--config", "tiny", "--env-file", "absent.env", cwd=tmp_path)
     assert missing.returncode == 2 and "--env-file absent.env: no such file" in missing.stderr

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiers import CONTAINERS, wanted
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "ci-containers"
 
 
-def _wanted() -> bool:
-    return os.environ.get("SMOLBOX_CONTAINER_TESTS", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _wanted(), reason="container checks run with SMOLBOX_CONTAINER_TESTS=1 (needs docker or root, ~10 min)")
+@pytest.mark.skipif(not wanted(CONTAINERS), reason="container checks run with SMOLBOX_CONTAINER_TESTS=1 (needs docker or root, ~10 min)")
 def test_container_images_build_run_and_match_in_process(tmp_path):
     log = tmp_path / "ci-containers.log"
     env = {k: v for k, v in os.environ.items() if not (k.startswith("SMOLBOX_") and "__" in k)}  # config stays the script's

@@ -43,6 +43,7 @@ def run_installed(target: Path, *args, cwd: Path):
     return subprocess.run([sys.executable, "-m", "smolbox", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # builds the wheel with pip
 def test_wheel_carries_every_module_and_shipped_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {str(p.relative_to(REPO)) for p in (REPO / "smolbox").rglob("*.py")}
@@ -51,6 +52,7 @@ def test_wheel_carries_every_module_and_shipped_config(wheel):
     assert modules | configs <= names, sorted((modules | configs) - names)
 
 
+@pytest.mark.slow  # installs the wheel, then smolbox processes from it, verify among them
 def test_installed_wheel_runs_config_and_verify_outside_the_checkout(installed, tmp_path, tiny_bundle):
     result = run_installed(installed, "config", "--config", "seed", "--env-file", "", cwd=tmp_path)
     assert result.returncode == 0 and "smolvlm-dpo-seed" in result.stdout, result.stderr

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 # Runs in a fresh interpreter: each library warns once per import or call, and pytest has its own warning filters.
 SCRIPT = r"""
 import importlib, json, logging, sys, warnings
@@ -43,6 +45,7 @@ print(json.dumps({"before": before, "after": after, "bnb": Keep.lines}))
 """
 
 
+@pytest.mark.slow  # a fresh process that imports the training stack and loads the model
 def test_known_library_noise_is_silenced_and_nothing_else(tiny_bundle):
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_bundle / "model")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

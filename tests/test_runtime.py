@@ -9,7 +9,8 @@ from smolbox.runtime import OnnxVLM
 from tests.prompts import left_padded_batch
 
 
-@pytest.mark.parametrize("decoder,on_cuda_path", [("fused", False), ("traced", False), ("fused", True)])
+@pytest.mark.parametrize("decoder,on_cuda_path", [("fused", False), pytest.param("traced", False, marks=pytest.mark.slow),
+                                                  ("fused", True)])
 def test_rows_join_and_leave_a_running_batch(request, merged, decoder, on_cuda_path):
     """Continuous batching (smolbox.runtime select/merge): a request prefilled while another is decoding joins its
     batch, finished rows leave; every row's greedy tokens equal those of the request generated alone. on_cuda_path

@@ -131,6 +131,7 @@ def leftovers() -> set[str]:
     return {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!") and not line[3:].startswith(".venv/")}
 
 
+@pytest.mark.slow  # a pytest session of its own, through scripts/test
 def test_scripts_test_with_ci_true_runs_no_container_checks_and_leaves_nothing_behind(tmp_path):
     if not (REPO / ".git").exists():
         pytest.skip("needs the git checkout")

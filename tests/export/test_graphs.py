@@ -32,6 +32,7 @@ def test_graph_signatures(tiny_export):
     assert tiny_export.manifest["decoder"] == "fused" and tiny_export.manifest["vision"] == "fused"
 
 
+@pytest.mark.slow  # the torch.onnx trace (torch.export's symbolic shapes) takes tens of seconds on a CPU core
 def test_traced_decoder_keeps_the_full_sequence_layout(tiny_export_traced):
     model = onnx.load(str(graph_path(tiny_export_traced.folder, "decoder_model_merged", "fp32")), load_external_data=False)
     logits = next(o for o in model.graph.output if o.name == "logits")
@@ -39,7 +40,7 @@ def test_traced_decoder_keeps_the_full_sequence_layout(tiny_export_traced):
     assert tiny_export_traced.manifest["decoder"] == "traced" and tiny_export_traced.manifest["vision"] == "traced"
 
 
-@pytest.mark.parametrize("decoder", ["fused", "traced"])
+@pytest.mark.parametrize("decoder", ["fused", pytest.param("traced", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("batch", ["single", "left_padded_pair"])
 def test_fp32_onnx_greedy_equals_pytorch_generate(request, merged, batch, decoder):
     tiny_export = request.getfixturevalue("tiny_export" if decoder == "fused" else "tiny_export_traced")

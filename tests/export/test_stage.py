@@ -69,6 +69,7 @@ def test_disk_estimate_refuses_a_model_that_cannot_fit(tmp_path):
         check_disk(tmp_path, huge, VARIANTS)
 
 
+@pytest.mark.slow  # an export process of its own, killed mid-export
 def test_sigkill_mid_export_leaves_no_complete_looking_folder(tiny_run, tiny_root, tiny_config):
     args = [sys.executable, "-m", "smolbox", "export", "--config", "tiny", "--env-file", "",
             "--run.output_dir", str(tiny_root / "runs"), "--run.name", tiny_run.run_dir.name,

@@ -195,7 +195,8 @@ def serial_rows_server(folder):
     server.stop()
 
 
-@pytest.mark.parametrize("decoder", ["server", "published_decoder_server", "serial_rows_server"])
+@pytest.mark.parametrize("decoder", ["server", pytest.param("published_decoder_server", marks=pytest.mark.slow),
+                                     pytest.param("serial_rows_server", marks=pytest.mark.slow)])
 def test_requests_join_and_leave_a_running_batch(request, decoder):
     """Continuous batching: requests of different lengths arriving while others decode get the answers they get
     alone, and joined the running batch (fewer prefill batches than requests) rather than waiting for it; with the
@@ -227,7 +228,7 @@ def test_requests_join_and_leave_a_running_batch(request, decoder):
     assert metric("smolbox_batch_joins_total") - joins_before >= 1, "no request joined a running batch"
 
 
-@pytest.mark.parametrize("decoder", ["server", "serial_rows_server"])
+@pytest.mark.parametrize("decoder", ["server", pytest.param("serial_rows_server", marks=pytest.mark.slow)])
 def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(request, decoder):
     server = request.getfixturevalue(decoder)
     body = chat("Say something.", png((10, 200, 10)), temperature=1.0, top_p=0.9, seed=42, max_tokens=10)
@@ -315,6 +316,7 @@ def test_metrics_are_prometheus_text(server):
         assert metric(server, f"smolbox_{part}_seconds_count") >= 1 and metric(server, f"smolbox_{part}_seconds_sum") > 0, part
 
 
+@pytest.mark.slow  # a server process of its own (queue of 1), then SIGTERM
 def test_full_queue_gets_429_then_sigterm_drains_in_flight_requests(folder):
     server = Server(folder, max_batch_size=1, max_queue=1, batch_wait_ms=0)
     try:
@@ -398,6 +400,7 @@ def test_a_repeated_prompt_is_not_prefilled_again_and_gets_the_same_answer(serve
     assert metric(server, "smolbox_vision_encoder_calls_total") == calls + 1
 
 
+@pytest.mark.slow  # a server process of its own (caches off); tests/serve/test_scheduler.py checks the batching in-process
 def test_images_of_waiting_requests_go_through_the_vision_encoder_together(folder):
     """With the image cache off, eight image requests arriving together are encoded in fewer vision-encoder calls
     than images, and each gets the answer it gets alone (one image, one call)."""
@@ -416,6 +419,7 @@ def test_images_of_waiting_requests_go_through_the_vision_encoder_together(folde
         server.stop()
 
 
+@pytest.mark.slow  # a server process of its own (a prefill budget of 1); tests/serve/test_scheduler.py checks the budget in-process
 def test_newcomers_prefill_one_budget_a_step_and_still_get_their_answers(folder):
     """serve.max_prefill_tokens_per_step below one prompt: every newcomer is prefilled in a step of its own (a
     lone request always runs), between decode steps of the rows already running, and joins them; answers are
@@ -441,6 +445,7 @@ def test_newcomers_prefill_one_budget_a_step_and_still_get_their_answers(folder)
         server.stop()
 
 
+@pytest.mark.slow  # a server process of its own (a small KV capacity); tests/serve/test_scheduler.py checks the order in-process
 def test_kv_capacity_queues_then_429s_and_a_request_over_it_gets_400(server, folder):
     """serve.max_kv_tokens room for one request: a second waits in the queue (never two in flight), a third finds
     the queue (serve.max_queue=1) full and gets 429; a request that could never fit gets 400 naming the param."""
@@ -489,6 +494,7 @@ def test_api_key_must_match_exactly_and_a_401_names_the_bearer_scheme(server):
     assert exchange(server.url, headers={"Authorization": f"Bearer {API_KEY}"}, path="/v1/models")[0] == 200
 
 
+@pytest.mark.slow  # a server process of its own (JSON log lines on its stdout)
 def test_json_request_log_and_request_ids(folder):
     server = Server(folder, api_key=API_KEY, log_format="json")
     secret_question = "What is the secret word hidden in zebra stripes?"
@@ -543,6 +549,7 @@ print(json.dumps(demo_request(cfg, Image.new("RGB", (48, 64), (200, 40, 40)), "W
     assert isinstance(answer, str) and answer == pytorch_answer(folder, "What color is the square?", png((200, 40, 40)), 16)
 
 
+@pytest.mark.slow  # a server process of its own and its preprocessing workers
 def test_preprocessing_in_worker_processes_gives_the_same_answers_and_errors(server, folder):
     """serve.preprocess_workers=2: requests are validated, their images decoded and tiled and their text tokenized
     in two spawned worker processes. Answers (image and text prompts, a repeated image from the cache, requests in

@@ -110,6 +110,7 @@ def _block_modes(model):
     return modes, [b.register_forward_pre_hook(record, with_kwargs=True) for b in _blocks(model)]
 
 
+@pytest.mark.slow  # an aot_eager compilation of the tiny model's blocks takes tens of seconds on a CPU core
 @pytest.mark.parametrize("norm_cache, dora_bias", [(False, False), (True, True)],
                          ids=["compile-alone", "with-norm-cache-and-dora-bias"])
 def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path, norm_cache, dora_bias):

@@ -22,6 +22,9 @@ from safetensors.torch import load_file
 from smolbox.cli import main
 from smolbox.train import COMPLETE_MARKER
 
+# torchrun jobs of several fresh processes, each importing the training stack: the slow checks (tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 STEPS = 12
 SAVE_EVERY = 2
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the torchrun command

@@ -127,6 +127,7 @@ def test_the_same_steps_without_the_precomputed_pass_run_the_model_twice(tiny_co
     assert calls.calls == 2 * 2 * plan_batches(cfg.train, 1).accumulation
 
 
+@pytest.mark.slow  # a training process of its own, killed mid-run
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_config, runs, reference_run):
     """A run SIGKILLed after its checkpoint at step 8 and started again ends with the session's run's adapter and
     every one of its logged losses, bit for bit: resuming loses and repeats nothing, and the same config and seed
@@ -220,6 +221,7 @@ def test_report_to_passes_through_to_the_trackers(tiny_config):
         train(tiny_config(**{"run.name": "tracked", "train.report_to": ["tensorboard"], "data.eval_split": None}))
 
 
+@pytest.mark.slow  # compiles the blocks (aot_eager) before it trains
 def test_speed_switches_train_the_same_run(tiny_config, reference_run):
     """Issue #16's switches all on (train.compile, captured with aot_eager on CPU; adapter.fused_dora_bias;
     adapter.dora_norm_cache) and Trainer's gradient checkpointing: the 16 steps give the reference run's losses.
