@@ -139,9 +139,9 @@ def tiny_bundle():
 def tiny_demo(tiny_bundle):
     """`smolbox demo` run in a new folder: what it printed. The run and the export it leaves there (runs/tiny,
     exports/tiny) are the session's tiny run and export: they are not trained and exported twice. With the slow
-    checks it runs as a user runs it, in a process of its own (whose output tests/test_cli.py also checks for library
-    warnings); without, the same command runs here, in a worker that has imported the libraries already. The first
-    worker to need it runs it; the others wait for it and read what it printed."""
+    checks it runs as a user runs it, in a process of its own (whose output tests/test_cli.py also checks for
+    progress bars and library warnings); without, the same command runs here, in a worker that has imported the
+    libraries already. The first worker to need it runs it; the others wait for it and read what it printed."""
     import json
     import subprocess
     import sys
