@@ -203,24 +203,34 @@ def tiny_run(tiny_config):
     return run
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tiny_run, tiny_config):
-    """That run exported with every variant (fused decoder and vision encoder): exports/tiny, as the demo wrote it."""
+def _finished_export(folder: Path):
+    """An export folder read back (its final name appears only when the export is complete)."""
     import json
 
     from smolbox.export import ExportResult
 
-    folder = Path(tiny_config().export.output_dir) / tiny_run.run_dir.name
     return ExportResult(folder, json.loads((folder / "manifest.json").read_text()), json.loads((folder / "parity.json").read_text()))
 
 
 @pytest.fixture(scope="session")
+def tiny_export(tiny_run, tiny_config):
+    """That run exported with every variant (fused decoder and vision encoder): exports/tiny, as the demo wrote it."""
+    return _finished_export(Path(tiny_config().export.output_dir) / tiny_run.run_dir.name)
+
+
+@pytest.fixture(scope="session")
 def tiny_export_traced(tiny_run, tiny_config):
-    """The same run with the torch.onnx-traced decoder and vision encoder (export.decoder/vision=traced), fp32 only."""
+    """The same run with the torch.onnx-traced decoder and vision encoder (export.decoder/vision=traced), fp32 only,
+    beside the demo's export: the first worker to need it exports it, the others wait and read it."""
+    from filelock import FileLock
+
     from smolbox.export import export
 
-    return export(tiny_config(**{"export.decoder": "traced", "export.vision": "traced", "export.variants": ["fp32"],
-                                 "export.name": "tiny-traced"}))
+    cfg = tiny_config(**{"export.decoder": "traced", "export.vision": "traced", "export.variants": ["fp32"],
+                         "export.name": "tiny-traced"})
+    folder = Path(cfg.export.output_dir) / cfg.export.name
+    with FileLock(os.path.join(SCRATCH, "tiny-traced.lock")):
+        return _finished_export(folder) if folder.exists() else export(cfg)
 
 
 @pytest.fixture(scope="session")
