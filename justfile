@@ -58,9 +58,13 @@ demo: _dirs
       "{{ train_image }}" demo
     bash scripts/bake-serve-image "{{ exports_dir }}/tiny" "{{ serve_image }}:tiny" fp32
 
-# The test suite on this machine (what CI runs); arguments go to pytest
+# The quick test suite on this machine; arguments go to pytest (tests/tiers.py)
 test *ARGS:
     bash scripts/test "$@"
+
+# The quick suite and the slow checks: what CI runs, less the container checks (test-containers)
+test-slow *ARGS:
+    SMOLBOX_SLOW_TESTS=1 bash scripts/test "$@"
 
 # Container CI: build both images on CPU against a local Debian base, run and compare them, lint, check compose
 test-containers:
