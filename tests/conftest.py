@@ -39,11 +39,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # as one unit, so it is built once; every other module is a unit of its own. The units start longest first (as
 # `--durations=0` on 2 cores ranks them), so the longest is not left for the end: the container checks
 # (SMOLBOX_CONTAINER_TESTS=1) before all, then the module that runs the demo, while the other worker starts on units
-# that do not wait for it (the random export's, and the slow checks').
+# that do not wait for it (the slow checks', the random export's, preprocessing's).
 SHARED_UNITS = {"random-export": ("tests/serve/",)}
 UNIT_FIXTURES = {"random-export": {"random_export"}}
 LONGEST_FIRST = ["tests/test_containers.py", "tests/export/test_folder.py", "tests/train/test_distributed.py",
-                 "random-export", "tests/train/test_compile.py", "tests/train/test_stage.py", "tests/test_preprocess.py",
+                 "random-export", "tests/train/test_compile.py", "tests/test_preprocess.py", "tests/train/test_stage.py",
                  "tests/export/test_graphs.py", "tests/test_tiny.py"]
 
 
