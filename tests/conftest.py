@@ -122,13 +122,18 @@ def pytest_unconfigure(config):  # after every fixture's teardown
         print(f"\nsmolbox tests: kept {SCRATCH} (caches and tmp_path folders of a failed or interrupted session)")
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle():
+def _one_worker_at_a_time(name: str):
+    """A lock the session's workers share: under it the first makes what is missing, the others wait and find it."""
     from filelock import FileLock
 
+    return FileLock(os.path.join(SCRATCH, f"{name}.lock"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
     from smolbox import tiny
 
-    with FileLock(os.path.join(SCRATCH, "tiny-bundle.lock")):  # workers: one builds a missing bundle, the others wait
+    with _one_worker_at_a_time("tiny-bundle"):
         return tiny.ensure_bundle()
 
 
@@ -146,14 +151,13 @@ def tiny_demo(tiny_bundle):
     import subprocess
     import sys
 
-    from filelock import FileLock
-
     folder, printed = Path(SCRATCH) / "tiny-demo", Path(SCRATCH) / "tiny-demo.json"
-    with FileLock(f"{printed}.lock"):
+    command = ["demo", "--env-file", ""]
+    with _one_worker_at_a_time("tiny-demo"):
         if not printed.exists():
             folder.mkdir()
-            args = [sys.executable, "-m", "smolbox", "demo", "--env-file", ""]
             if wanted(SLOW):
+                args = [sys.executable, "-m", "smolbox", *command]
                 done = subprocess.run(args, cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                                       text=True, timeout=600)
                 code, out, err = done.returncode, done.stdout, done.stderr
@@ -163,10 +167,10 @@ def tiny_demo(tiny_bundle):
 
                 from smolbox.cli import main
 
-                out, err = io.StringIO(), io.StringIO()
-                with contextlib.chdir(folder), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                    code = main(args[3:])
-                out, err, args = out.getvalue(), err.getvalue(), ["smolbox.cli.main", *args[3:]]
+                args, stdout, stderr = ["smolbox.cli.main", *command], io.StringIO(), io.StringIO()
+                with contextlib.chdir(folder), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                    code = main(command)
+                out, err = stdout.getvalue(), stderr.getvalue()
             printed.write_text(json.dumps({"args": args, "returncode": code, "stdout": out, "stderr": err}))
     result = subprocess.CompletedProcess(**json.loads(printed.read_text()))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -222,14 +226,12 @@ def tiny_export(tiny_run, tiny_config):
 def tiny_export_traced(tiny_run, tiny_config):
     """The same run with the torch.onnx-traced decoder and vision encoder (export.decoder/vision=traced), fp32 only,
     beside the demo's export: the first worker to need it exports it, the others wait and read it."""
-    from filelock import FileLock
-
     from smolbox.export import export
 
     cfg = tiny_config(**{"export.decoder": "traced", "export.vision": "traced", "export.variants": ["fp32"],
                          "export.name": "tiny-traced"})
     folder = Path(cfg.export.output_dir) / cfg.export.name
-    with FileLock(os.path.join(SCRATCH, "tiny-traced.lock")):
+    with _one_worker_at_a_time("tiny-traced"):
         return _finished_export(folder) if folder.exists() else export(cfg)
 
 
