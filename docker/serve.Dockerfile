@@ -54,7 +54,7 @@ COPY configs/ /opt/smolbox/src/configs/
 COPY entrypoints/ /opt/smolbox/src/entrypoints/
 COPY smolbox/ /opt/smolbox/src/smolbox/
 # The serving stack imports without torch (and the image must not carry it); setuptools was only needed to install.
-RUN /opt/smolbox/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation -e /opt/smolbox/src \
+RUN /opt/smolbox/venv/bin/pip install --no-cache-dir --no-compile --no-deps --no-build-isolation -e /opt/smolbox/src \
  && /opt/smolbox/venv/bin/python -c "import importlib.util as u, sys; sys.exit('torch is installed' if u.find_spec('torch') else 0)" \
  && /opt/smolbox/venv/bin/python -c "import onnxruntime, fastapi, uvicorn, smolbox.serve, smolbox.runtime, smolbox.preprocess; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())" \
  && /opt/smolbox/venv/bin/pip uninstall --yes --no-cache-dir setuptools
@@ -72,7 +72,9 @@ RUN apt-get update \
  && useradd --no-log-init --create-home --uid "${UID}" --gid "${GID}" --shell /usr/sbin/nologin smolbox \
  && mkdir -p /models/export
 
-COPY --from=builder /opt/smolbox /opt/smolbox
+# As in train.Dockerfile: the venv and the source in two layers, so a new commit copies the source alone.
+COPY --from=builder /opt/smolbox/venv /opt/smolbox/venv
+COPY --from=builder /opt/smolbox/src /opt/smolbox/src
 
 # Build facts last, so a new commit or lock only rebuilds metadata layers.
 ARG BASE_IMAGE
