@@ -95,3 +95,17 @@ def compile_blocks(model, backend: str = "inductor", eager_rounding: bool = True
         eager = getattr(type(block), "_eager_class", type(block))  # compiling twice keeps one level
         block.__class__ = compiled_class(eager, backend, eager_rounding)
     return len(blocks)
+
+
+def compile_counts() -> dict:
+    """What dynamo has compiled in this process so far (its own counters): graphs, and graph breaks by reason."""
+    counters = torch._dynamo.utils.counters
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": dict(counters["graph_break"])}
+
+
+def compiled_since(before: dict) -> dict:
+    """compile_counts() now, less `before`: what a run compiled. A graph break means eager code inside a block (and
+    a slower step); its reason says where (the run's manifest keeps them, train.log counts them)."""
+    now = compile_counts()
+    breaks = {reason: n - before["graph_breaks"].get(reason, 0) for reason, n in now["graph_breaks"].items()}
+    return {"graphs": now["graphs"] - before["graphs"], "graph_breaks": {r: n for r, n in breaks.items() if n > 0}}

@@ -118,6 +118,10 @@ def _train(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from
     trainer.add_callback(RunCallback(metrics_path, plan.pairs_per_step, device))
     for callback in callbacks:
         trainer.add_callback(callback)
+    if cfg.train.compile:
+        from .compile import compile_counts, compiled_since
+
+        compiled_before = compile_counts()
     if cfg.train.precompute_ref_logps:
         seconds, first_batch_s = trainer.precompute_reference_logps()
         manifest["ref_logps_precompute_s"] = round(seconds, 1)
@@ -126,6 +130,10 @@ def _train(cfg: Config, run_dir: Path, device: str, plan: BatchPlan, resume_from
         log.info("train: reference log-probs of %d pairs precomputed in %.1f s", len(trainer.train_dataset), seconds)
 
     output = trainer.train(resume_from_checkpoint=resume_from)
+    if cfg.train.compile:
+        manifest["compile"] = compiled = compiled_since(compiled_before)
+        log.info("train: torch.compile made %d graphs with %d graph breaks%s", compiled["graphs"],
+                 sum(compiled["graph_breaks"].values()), " (their reasons: manifest.json)" if compiled["graph_breaks"] else "")
 
     adapter_dir = run_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # peft saves adapter_model.safetensors + adapter_config.json (rank 0)

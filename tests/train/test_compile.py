@@ -19,7 +19,7 @@ from smolbox import tiny
 from smolbox.config import load_config
 from smolbox.models import load_base
 from smolbox.train import build_trainer, dpo
-from smolbox.train.compile import compile_blocks
+from smolbox.train.compile import compile_blocks, compile_counts, compiled_since
 
 GRAD_TOLERANCE = 2e-2  # relative, per tensor: the NF4 CPU kernels' rounding (see test_dpo.py); a wrong gradient is off by far more
 
@@ -133,7 +133,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    before = compile_counts()  # what the run's manifest records: the graphs and graph breaks of what follows
     backend = RecordingBackend()
     assert compile_blocks(model, backend=backend) == len(blocks)
     assert all(type(b).__name__.startswith("Compiled") for b in _blocks(model))
@@ -141,14 +141,15 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path
     compiled_loss, compiled_grads = _loss_and_grads(model, batch, beta)
     for hook in hooks:
         hook.remove()
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = compiled_since(before)
+    graphs = compiled["graphs"]
     assert graphs > 0 and len(backend.graphs) == graphs, "nothing was compiled"
     # The checkpoint is outside the compiled region: no graph holds it (the activations kept in docs/benchmarks.md,
     # "Training speed, second round", came from transformers' checkpoint inside `nn.Module.compile`'s graph, as a
     # tag_activation_checkpoint higher-order op).
     targets = {str(n.target) for gm in backend.graphs for n in gm.graph.nodes if n.op == "call_function"}
     assert not [t for t in targets if "checkpoint" in t], targets
-    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    breaks = compiled["graph_breaks"]
     if dora_bias:
         # every adapted layer on smolbox's fused forward: each block is one graph, and the blocks of a stack share
         # it: one graph per (block class, grad mode, input requiring grad), not one per block. The tiny model has
@@ -172,13 +173,13 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_bundle, tmp_path
     model.activation_checkpointing_disable()
     _assert_same(*_loss_and_grads(model, batch, beta), uncheckpointed_loss, uncheckpointed_grads)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "checkpointing off recompiled"
+    assert compiled_since(before)["graphs"] == graphs, "checkpointing off recompiled"
 
     # Another batch: other sequence lengths, tile count and batch size reuse the dynamic-shape graphs
     first, second = batch[dpo.PACKED], other[dpo.PACKED]  # the trainer's collator packs the pairs
     assert second["input_ids"].shape != first["input_ids"].shape and second["pixel_values"].shape != first["pixel_values"].shape
     _loss_and_grads(model, other, beta)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a new batch shape recompiled"
+    assert compiled_since(before)["graphs"] == graphs, "a new batch shape recompiled"
 
 
 def test_compiled_blocks_save_the_same_adapter(tiny_bundle, tmp_path):
