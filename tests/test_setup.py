@@ -20,6 +20,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TORCH = next(line.strip() for line in (REPO / "requirements" / "dev.txt").read_text().splitlines() if line.startswith("torch=="))
 PIP = "-m pip install -q --disable-pip-version-check"
+FETCH = "-m pip download -q --disable-pip-version-check --no-deps --dest WHEELS"  # WHEELS: the script's temporary folder
+WHEEL = "torch-2.13.0-cp311-cp311-linux_x86_64.whl"
+INSTALL_TORCH = f"{PIP} --no-deps WHEELS/{WHEEL}"  # pip installs it: the copy of the repo has no scripts/tools, so no uv
 
 
 def script(path: Path, body: str) -> None:
@@ -36,8 +39,11 @@ def repo(tmp_path):
         shutil.copy(REPO / rel, root / rel)
     (root / ".venv" / "pyvenv.cfg").parent.mkdir()
     (root / ".venv" / "pyvenv.cfg").write_text("version = 3.11.7\n")
+    # pip download leaves a wheel in --dest; NO_LOCAL_WHEEL=1: pip finds none on this machine
     script(root / ".venv" / "bin" / "python",
-           'echo "$*" >> "$SETUP_LOG"\ncase "$*" in *--no-index*) exit "${NO_LOCAL_WHEEL:-0}" ;; esac\n')
+           'echo "$*" >> "$SETUP_LOG"\n'
+           'case "$*" in *--no-index*) [ "${NO_LOCAL_WHEEL:-0}" = 0 ] || exit 1 ;; esac\n'
+           f'case "$*" in *" download "*) while [ "$1" != --dest ]; do shift; done; touch "$2/{WHEEL}" ;; esac\n')
     script(root / ".venv" / "bin" / "smolbox", "exit 0\n")  # what `pip install -e .` would have made
     return root
 
@@ -80,6 +86,10 @@ def run_setup(repo: Path, tmp_path: Path, gpu: str, *args, **env):
     result = subprocess.run(["bash", "scripts/setup", *args], cwd=repo, env=environ, capture_output=True, text=True, timeout=120)
     log = tmp_path / "pip.log"
     calls = log.read_text().splitlines() if log.exists() else []
+    wheels = next((c.split("--dest ", 1)[1].split()[0] for c in calls if "--dest " in c), None)
+    if wheels:
+        assert not Path(wheels).exists(), "the script left its download folder"
+        calls = [c.replace(wheels, "WHEELS") for c in calls]
     log.unlink(missing_ok=True)
     return result, calls
 
@@ -88,14 +98,19 @@ def run_setup(repo: Path, tmp_path: Path, gpu: str, *args, **env):
 def test_without_a_gpu_torch_comes_from_the_cpu_index_and_a_second_run_installs_nothing(repo, tmp_path, index, gpu):
     result, calls = run_setup(repo, tmp_path, gpu, SMOLBOX_TORCH_CPU_INDEX=index)
     assert result.returncode == 0, result.stderr
-    assert calls == [f"{PIP} --no-deps --index-url {index} {TORCH}", f"{PIP} -r requirements/dev.txt", f"{PIP} --no-deps -e ."]
+    assert calls == [f"{FETCH} --index-url {index} {TORCH}", INSTALL_TORCH, f"{PIP} -r requirements/dev.txt", f"{PIP} --no-deps -e ."]
     again, calls = run_setup(repo, tmp_path, gpu, SMOLBOX_TORCH_CPU_INDEX=index)
     assert again.returncode == 0 and calls == []
     assert run_setup(repo, tmp_path, gpu, "--check", SMOLBOX_TORCH_CPU_INDEX=index)[0].returncode == 0
     with (repo / "requirements" / "dev.txt").open("a") as f:
         f.write("# a changed pin\n")
     assert run_setup(repo, tmp_path, gpu, "--check", SMOLBOX_TORCH_CPU_INDEX=index)[0].returncode == 1
-    assert len(run_setup(repo, tmp_path, gpu, SMOLBOX_TORCH_CPU_INDEX=index)[1]) == 3
+    assert len(run_setup(repo, tmp_path, gpu, SMOLBOX_TORCH_CPU_INDEX=index)[1]) == 4
+    # torch at the pin is already there: a rerun leaves it
+    (repo / ".venv" / "lib" / "python3.11" / "site-packages" / f"torch-{TORCH.split('==')[1]}+cpu.dist-info").mkdir(parents=True)
+    with (repo / "requirements" / "dev.txt").open("a") as f:
+        f.write("# another changed pin\n")
+    assert run_setup(repo, tmp_path, gpu, SMOLBOX_TORCH_CPU_INDEX=index)[1] == [f"{PIP} -r requirements/dev.txt", f"{PIP} --no-deps -e ."]
 
 
 def test_with_a_gpu_torch_comes_from_pypi_and_a_gpu_appearing_means_a_new_run(repo, tmp_path, index):
@@ -105,18 +120,18 @@ def test_with_a_gpu_torch_comes_from_pypi_and_a_gpu_appearing_means_a_new_run(re
     assert run_setup(repo, tmp_path, "absent", "--check", SMOLBOX_TORCH_CPU_INDEX=index)[0].returncode == 1
     # TORCH_INDEX_URL wins over the detection either way
     result, calls = run_setup(repo, tmp_path, "present", TORCH_INDEX_URL=index)
-    assert calls[0] == f"{PIP} --no-deps --index-url {index} {TORCH}"
+    assert calls[:2] == [f"{FETCH} --index-url {index} {TORCH}", INSTALL_TORCH]
 
 
 def test_unreachable_cpu_index_uses_a_wheel_on_the_machine_or_says_what_to_set(repo, tmp_path):
     unreachable = closed_port_url()
     result, calls = run_setup(repo, tmp_path, "absent", SMOLBOX_TORCH_CPU_INDEX=unreachable)
     assert result.returncode == 0, result.stderr
-    assert calls[0] == f"{PIP} --no-deps --no-index {TORCH}" and len(calls) == 3
+    assert calls[:2] == [f"{FETCH} --no-index {TORCH}", INSTALL_TORCH] and len(calls) == 4
     assert f"{unreachable} is unreachable" in result.stderr and "from a wheel on this machine" in result.stderr
     (repo / ".venv" / ".smolbox-setup").unlink()
     result, calls = run_setup(repo, tmp_path, "absent", SMOLBOX_TORCH_CPU_INDEX=unreachable, NO_LOCAL_WHEEL="1")
-    assert result.returncode == 1 and calls == [f"{PIP} --no-deps --no-index {TORCH}"]
+    assert result.returncode == 1 and calls == [f"{FETCH} --no-index {TORCH}"]
     assert "no torch" in result.stderr and "Set TORCH_INDEX_URL" in result.stderr
     assert not (repo / ".venv" / ".smolbox-setup").exists()
 
