@@ -72,7 +72,8 @@ RUN apt-get update \
  && useradd --no-log-init --create-home --uid "${UID}" --gid "${GID}" --shell /usr/sbin/nologin smolbox \
  && mkdir -p /models/export
 
-# As in train.Dockerfile: the venv and the source in two layers, so a new commit copies the source alone.
+# The venv and the source in two layers: a source change alone copies the source again, not the venv (which a
+# README.md change does copy again: smolbox's metadata there carries it; the venv is small, docs/containers.md).
 COPY --from=builder /opt/smolbox/venv /opt/smolbox/venv
 COPY --from=builder /opt/smolbox/src /opt/smolbox/src
 

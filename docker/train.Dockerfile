@@ -63,17 +63,6 @@ RUN if [ -n "$FLASH_ATTN_WHEEL" ]; then \
       && /opt/smolbox/venv/bin/pip check; \
     else echo "flash-attn: none"; fi
 
-# smolbox itself, editable from its source tree: configs/ and requirements/train.lock sit next to the package,
-# where config.py and verify.py look for them.
-COPY pyproject.toml README.md /opt/smolbox/src/
-COPY requirements/ /opt/smolbox/src/requirements/
-COPY configs/ /opt/smolbox/src/configs/
-COPY entrypoints/ /opt/smolbox/src/entrypoints/
-COPY smolbox/ /opt/smolbox/src/smolbox/
-RUN cp /tmp/train.lock /opt/smolbox/src/requirements/train.lock \
- && /opt/smolbox/venv/bin/pip install --no-cache-dir --no-compile --no-deps --no-build-isolation -e /opt/smolbox/src \
- && /opt/smolbox/venv/bin/smolbox config --config default --env-file "" > /dev/null
-
 # ---- final image ------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 ARG UID=1000
@@ -93,10 +82,23 @@ RUN apt-get update \
  && mkdir -p /data/cache /data/runs /data/exports \
  && chown -R "${UID}:${GID}" /data
 
-# Two layers: the venv (1.8 GB) stays cached while only smolbox's source changes (the editable install leaves the
-# venv's files as they were), so a new commit copies the source alone (docs/containers.md, "What CI checks").
+# The venv (1.8 GB) from the builder holds the lock's packages only, so it stays cached whatever else changes; smolbox
+# is installed here, after it: a new commit (its source, README.md, configs) rebuilds only these small layers
+# (docs/containers.md, "Building").
 COPY --from=builder /opt/smolbox/venv /opt/smolbox/venv
-COPY --from=builder /opt/smolbox/src /opt/smolbox/src
+
+# smolbox itself, editable from its source tree: configs/ and requirements/train.lock sit next to the package,
+# where config.py and verify.py look for them.
+COPY pyproject.toml README.md /opt/smolbox/src/
+COPY requirements/ /opt/smolbox/src/requirements/
+COPY configs/ /opt/smolbox/src/configs/
+COPY entrypoints/ /opt/smolbox/src/entrypoints/
+COPY smolbox/ /opt/smolbox/src/smolbox/
+ARG TORCH=cuda
+RUN cp "/opt/smolbox/src/requirements/train-${TORCH}.lock" /opt/smolbox/src/requirements/train.lock \
+ && /opt/smolbox/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-compile --no-deps --no-build-isolation \
+      -e /opt/smolbox/src \
+ && PYTHONDONTWRITEBYTECODE=1 /opt/smolbox/venv/bin/smolbox config --config default --env-file "" > /dev/null
 
 # Build facts last, so a new commit or lock only rebuilds metadata layers.
 ARG BASE_IMAGE
