@@ -100,13 +100,13 @@ def one_process(runs):
     return runs / "one"
 
 
-def host_agents(name: str, log: Path) -> list[subprocess.Popen]:
+def host_agents(runs: Path, name: str) -> list[subprocess.Popen]:
     """Two "hosts" on this machine: the image's entrypoint twice with the multi-host variables, so two torchrun
-    agents with --nnodes 2 (one process each) meet at a c10d rendezvous on 127.0.0.1."""
+    agents with --nnodes 2 (one process each) meet at a c10d rendezvous on 127.0.0.1. Logs: runs/NAME.hostN.log."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [start([ENTRYPOINT, *train_args(log.parent, name)[3:]], log.with_suffix(f".host{node}.log"), SMOLBOX_NNODES="2",
+    return [start([ENTRYPOINT, *train_args(runs, name)[3:]], runs / f"{name}.host{node}.log", SMOLBOX_NNODES="2",
                   SMOLBOX_NODE_RANK=str(node), SMOLBOX_RDZV_HOST="127.0.0.1", SMOLBOX_RDZV_PORT=str(port),
                   SMOLBOX_NPROC_PER_NODE="1")
             for node in range(2)]
@@ -125,8 +125,8 @@ def test_killed_runs_resume_across_hosts_and_process_counts(runs, one_process):
     assert not any("torchrun" in part for part in psutil.Process(job.pid).cmdline())  # smolbox itself, no launcher
     kill_job(job)
 
-    agents = host_agents(name, log)
-    wait_for_checkpoint(agents[0], run_dir, 6, log.with_suffix(".host0.log"))
+    agents = host_agents(runs, name)
+    wait_for_checkpoint(agents[0], run_dir, 6, runs / f"{name}.host0.log")
     m = json.loads((run_dir / "manifest.json").read_text())
     assert (m["distributed"]["world_size"], m["distributed"]["nodes"], m["distributed"]["processes_per_node"]) == (2, 2, 1)
     assert m["status"] == "running" and m["resumed_from"].endswith("checkpoint-2")
@@ -154,7 +154,7 @@ def test_two_processes_with_the_speed_switches_train_like_one(runs, one_process)
     #16's switches on (train.compile with aot_eager, as on CPU in tests/train/test_compile.py;
     adapter.fused_dora_bias; adapter.dora_norm_cache; gradient checkpointing): DDP's gradient hooks are the eager ones
     around compiled blocks, and the two processes train the one-process run of the switches off, to the rounding those
-    switches bring through bitsandbytes' 4-bit CPU kernels (tests/train/test_stage.py). Two processes with the
+    switches bring through bitsandbytes' 4-bit CPU kernels (docs/notes.md). Two processes with the
     switches off train it to 1e-5: the resumed run above, on two hosts for a while."""
     switches = ["--train.compile", "true", "--train.compile_backend", "aot_eager", "--adapter.fused_dora_bias", "true",
                 "--adapter.dora_norm_cache", "true", "--train.gradient_checkpointing", "true"]
