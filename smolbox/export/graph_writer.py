@@ -1,5 +1,5 @@
-"""What the fused graph writers (fused_decoder, fused_vision) share: a builder that collects nodes and weights
-under readable names (they show in onnxruntime's profiles), and the numbers both graphs use."""
+"""What the graph writers (fused_decoder, fused_vision, embed_tokens) share: a builder that collects nodes and weights
+under readable names (they show in onnxruntime's profiles), and the numbers they use."""
 
 from __future__ import annotations
 

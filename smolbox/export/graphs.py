@@ -1,5 +1,6 @@
 """The three graphs of one float variant (vision_encoder, embed_tokens, decoder_model_merged), each written by
-smolbox's fused writers where the model allows it (export.decoder / export.vision) or traced by torch.onnx."""
+smolbox's graph writers where the model allows it (export.decoder / export.vision; embed_tokens whenever its table
+is a plain nn.Embedding) or traced by torch.onnx."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from ..onnx_layout import graph_path
-from . import fused_decoder, fused_vision
+from . import embed_tokens, fused_decoder, fused_vision
 from .errors import ExportError
 from .onnx_files import published_io, save_onnx
 from .parity import parity_inputs
@@ -56,7 +57,12 @@ def export_onnx(model, processor, onnx_dir: Path, variant: str = "fp32", fused_d
         save(FUSABLE["vision"].build_vision_encoder(model, float_type), "vision_encoder")
     else:
         save(traced_vision(model, inputs["pixel_values"].to(dtype), inputs["pixel_attention_mask"].bool()), "vision_encoder")
-    save(traced_embeddings(model, inputs["input_ids"]), "embed_tokens")
+    table_reason = embed_tokens.unsupported_reason(model)
+    if table_reason:
+        log.info("export: embed_tokens traced with torch.onnx (%s)", table_reason)
+        save(traced_embeddings(model, inputs["input_ids"]), "embed_tokens")
+    else:
+        save(embed_tokens.build_embed_tokens(model, float_type), "embed_tokens")
     if fused_decoder:
         save(FUSABLE["decoder"].build_decoder(model, float_type), "decoder_model_merged")
     else:

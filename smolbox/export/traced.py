@@ -1,5 +1,6 @@
-"""The graphs torch.onnx traces from the merged model (export.decoder / export.vision = traced, and the token
-embeddings always): wrappers with the published SmolVLM interface, and the one tracing call they share."""
+"""The graphs torch.onnx traces from the merged model (export.decoder / export.vision = traced, and token tables
+that smolbox.export.embed_tokens cannot write): wrappers with the published SmolVLM interface, and the one
+tracing call they share."""
 
 from __future__ import annotations
 
