@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -70,6 +71,18 @@ def _env_file(ns: argparse.Namespace) -> str:
         raise ConfigError(f"--env-file {ns.env_file}: no such file (leave the flag out to read ./.env when there is one, "
                           "or pass --env-file '' to read none)")
     return ns.env_file
+
+
+def run() -> None:
+    """The `smolbox` command (and `python -m smolbox`): main(), then the process's exit.
+
+    Before exiting, the objects alive then are frozen out of the garbage collector: the memory goes back to the
+    system with the process either way, and Python's last collections over torch's, transformers' and TRL's
+    module graphs kept a finished command alive for seconds more (docs/notes.md).
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,8 +113,14 @@ def pytest_sessionfinish(session, exitstatus):
     session.config.stash[_PASSED] = exitstatus in (0, 5)  # passed, or nothing collected
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):  # after every fixture's teardown
     if _WORKER:  # the process that started the workers decides, after they have ended
+        # and waits for them to end: as smolbox.cli.run does, leave the libraries' objects to the process's exit
+        # rather than to Python's last collections, seconds a worker (docs/notes.md)
+        import gc
+
+        gc.freeze()
         return
     if config.stash.get(_PASSED, False):
         shutil.rmtree(SCRATCH, ignore_errors=True)
