@@ -100,31 +100,46 @@ def test_precomputed_reference_logps_give_the_same_losses(tiny_config, reference
     training step runs the model once per micro-batch (the policy) instead of twice (policy and reference)."""
     from smolbox.train.data import load_preference_data
 
-    cfg = tiny_config(**{"run.name": "precomputed", "train.precompute_ref_logps": True, "data.eval_split": None})
+    # The first half of the reference run's steps: with tiny.yaml's constant learning rate they are the same steps.
+    assert TINY.lr_scheduler_type == "constant"
+    steps = STEPS // 2
+    cfg = tiny_config(**{"run.name": "precomputed", "train.precompute_ref_logps": True, "data.eval_split": None,
+                         "train.max_steps": steps})
     calls = ModelCalls()
     pre = train(cfg, callbacks=[calls])
     plan = plan_batches(cfg.train, 1)
-    assert calls.calls == STEPS * plan.accumulation, "training steps still ran the reference"
+    assert calls.calls == steps * plan.accumulation, "training steps still ran the reference"
     rows = len(load_preference_data(cfg.data, cfg.data.train_split).dataset)
     ours, expected = losses(pre.run_dir), losses(reference_run.run_dir)
-    assert [s for s, _ in ours] == [s for s, _ in expected]
+    assert [s for s, _ in ours] == [s for s, _ in expected if s <= steps]
+    expected = expected[:len(ours)]
     # The reference pass runs in other batch shapes (eval batch size) than in the steps: through bitsandbytes' 4-bit
     # CPU kernels that changes the last bits (docs/notes.md), and the trajectories drift in the last digits.
     np.testing.assert_allclose([l for _, l in ours], [l for _, l in expected], rtol=3e-4)
     rewards = [m["rewards/margins"] for m in metrics(pre.run_dir) if "rewards/margins" in m]
-    expected_rewards = [m["rewards/margins"] for m in metrics(reference_run.run_dir) if "rewards/margins" in m]
+    expected_rewards = [m["rewards/margins"] for m in metrics(reference_run.run_dir) if "rewards/margins" in m][:len(rewards)]
     np.testing.assert_allclose(rewards, expected_rewards, rtol=0.05, atol=1e-4)
     assert pre.manifest["ref_logps_precompute_s"] > 0
     assert pre.manifest["ref_logps_pairs"] == rows
 
 
-def test_the_same_steps_without_the_precomputed_pass_run_the_model_twice(tiny_config):
+SHORT = {"run.name": "short", "data.eval_split": None, "train.max_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_config):
+    """4 steps without evaluation, counting the model's calls; test_continuing_... trains it further."""
+    calls = ModelCalls()
+    run = train(tiny_config(**SHORT), callbacks=[calls])
+    return run, calls.calls
+
+
+def test_the_same_steps_without_the_precomputed_pass_run_the_model_twice(tiny_config, short_run):
     """The other side of the count above: with the reference computed in the step, every micro-batch runs the
     model twice (reference, then policy)."""
-    cfg = tiny_config(**{"run.name": "two-forwards", "train.max_steps": 2, "data.eval_split": None})
-    calls = ModelCalls()
-    train(cfg, callbacks=[calls])
-    assert calls.calls == 2 * 2 * plan_batches(cfg.train, 1).accumulation
+    run, calls = short_run
+    assert not tiny_config().train.precompute_ref_logps
+    assert calls == 2 * run.global_step * plan_batches(tiny_config().train, 1).accumulation
 
 
 @pytest.mark.slow  # a training process of its own, killed mid-run
@@ -200,10 +215,9 @@ def test_a_completed_run_is_left_untouched(tiny_config, reference_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-def test_continuing_a_completed_run_is_stated_in_the_log(tiny_config):
-    short = {"run.name": "continued", "data.eval_split": None, "train.max_steps": 4}
-    assert train(tiny_config(**short)).global_step == 4
-    longer = train(tiny_config(**{**short, "train.max_steps": 6}))
+def test_continuing_a_completed_run_is_stated_in_the_log(tiny_config, short_run):
+    assert short_run[0].global_step == 4
+    longer = train(tiny_config(**{**SHORT, "train.max_steps": 6}))
     assert longer.global_step == 6 and longer.resumed_from.endswith("checkpoint-4")
     log = (longer.run_dir / "train.log").read_text()
     assert "with a new length (train.max_steps 4 -> 6)" in log
