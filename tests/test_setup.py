@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 TORCH = next(line.strip() for line in (REPO / "requirements" / "dev.txt").read_text().splitlines() if line.startswith("torch=="))
 PIP = "-m pip install -q --disable-pip-version-check"
 FETCH = "-m pip download -q --disable-pip-version-check --no-deps --dest WHEELS"  # WHEELS: the script's temporary folder
-WHEEL = "torch-2.13.0-cp311-cp311-linux_x86_64.whl"
+PIN = TORCH.split("==")[1]
+WHEEL = f"torch-{PIN}-cp311-cp311-linux_x86_64.whl"
 INSTALL_TORCH = f"{PIP} --no-deps WHEELS/{WHEEL}"  # pip installs it: the copy of the repo has no scripts/tools, so no uv
 
 
@@ -107,7 +108,7 @@ def test_without_a_gpu_torch_comes_from_the_cpu_index_and_a_second_run_installs_
     assert run_setup(repo, tmp_path, gpu, "--check", SMOLBOX_TORCH_CPU_INDEX=index)[0].returncode == 1
     assert len(run_setup(repo, tmp_path, gpu, SMOLBOX_TORCH_CPU_INDEX=index)[1]) == 4
     # torch at the pin is already there: a rerun leaves it
-    (repo / ".venv" / "lib" / "python3.11" / "site-packages" / f"torch-{TORCH.split('==')[1]}+cpu.dist-info").mkdir(parents=True)
+    (repo / ".venv" / "lib" / "python3.11" / "site-packages" / f"torch-{PIN}+cpu.dist-info").mkdir(parents=True)
     with (repo / "requirements" / "dev.txt").open("a") as f:
         f.write("# another changed pin\n")
     assert run_setup(repo, tmp_path, gpu, SMOLBOX_TORCH_CPU_INDEX=index)[1] == [f"{PIP} -r requirements/dev.txt", f"{PIP} --no-deps -e ."]
